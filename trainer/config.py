@@ -264,22 +264,24 @@ def from_dict(raw: dict[str, Any], problems: list[str] | None = None) -> JobSpec
         names = [p.name for p in phases]
         for n in sorted({n for n in names if names.count(n) > 1}):
             collect.append(f"phases: name {n!r} used twice; phase names must be unique")
-    if any(v is None for v in sections.values()):
-        if problems is None:
-            raise SpecError(collect)
-        return None  # type: ignore[return-value]
+    # A section that failed to build is replaced by a valid placeholder, so the
+    # range checks of the others still run and every problem is reported at once.
+    placeholders = {
+        "data": DataConfig(train="-", validation="-", image_size=1, num_classes=1),
+        "model": ModelConfig(),
+        "train": TrainConfig(),
+        "runtime": RuntimeConfig(),
+    }
+    incomplete = any(v is None for v in sections.values())
     spec = JobSpec(
         name=name,
-        data=sections["data"],
-        model=sections["model"],
-        train=sections["train"],
         phases=tuple(phases),
-        runtime=sections["runtime"],
+        **{k: v if v is not None else placeholders[k] for k, v in sections.items()},
     )
     _validate(spec, collect)
     if problems is None and collect:
         raise SpecError(collect)
-    return spec
+    return None if incomplete else spec  # type: ignore[return-value]
 
 
 def _unknown(path: str, key: str, valid: typing.Iterable[str]) -> str:

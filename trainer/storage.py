@@ -234,3 +234,119 @@ def check_writable(url: str) -> None:
             f"workdir {url} is not writable ({type(e).__name__}: {e}); check the "
             "URL, the bucket's existence and your credentials"
         ) from None
+
+
+# ---------------------------------------------------------------------------
+# Conditional writes, for fencing concurrent trainers on one workdir.
+#
+# GCS offers per-object generation preconditions (google-cloud-storage's
+# `if_generation_match`); other backends get the nearest equivalent: an
+# exclusive lock around read-compare-write (fcntl on local disks, a process
+# lock for memory://, whose store lives in one process anyway).
+
+
+class PreconditionFailed(RuntimeError):
+    """A conditional write found the object at another generation."""
+
+
+_gcs_client_cache: list[Any] = []
+
+
+def _gcs_blob(url: str):
+    from google.cloud import storage as gcs  # Lazily: only gs:// needs it.
+
+    if not _gcs_client_cache:
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            client = gcs.Client(
+                project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"),
+                credentials=AnonymousCredentials(),
+            )
+        else:
+            client = gcs.Client()
+        _gcs_client_cache.append(client)
+    bucket, _, name = url.split("://", 1)[1].partition("/")
+    return _gcs_client_cache[0].bucket(bucket).blob(name)
+
+
+def supports_generations(url: str) -> bool:
+    """True when `url` takes generation preconditions (gs://)."""
+    return protocol(url) in ("gs", "gcs")
+
+
+def read_generation(url: str) -> tuple[bytes | None, int]:
+    """The bytes of a gs:// object and its generation; `(None, 0)` if absent.
+
+    Generation 0 is GCS' precondition for "does not exist", so the result can
+    be passed straight to `write_if_generation`.
+    """
+    from google.api_core import exceptions
+
+    blob = _gcs_blob(url)
+    for _ in range(5):
+        current = blob.bucket.get_blob(blob.name)
+        if current is None:
+            return None, 0
+        try:
+            data = current.download_as_bytes(if_generation_match=current.generation)
+        except (exceptions.PreconditionFailed, exceptions.NotFound):
+            continue  # Rewritten or deleted between the two requests.
+        return data, int(current.generation)
+    raise PreconditionFailed(f"{url} kept changing while being read")
+
+
+def write_if_generation(url: str, data: bytes, generation: int) -> int:
+    """Writes a gs:// object only if it is still at `generation` (0: absent).
+
+    Returns:
+      The generation of the new object.
+
+    Raises:
+      PreconditionFailed: when another writer changed the object first.
+    """
+    from google.api_core import exceptions
+
+    blob = _gcs_blob(url)
+    try:
+        blob.upload_from_string(data, if_generation_match=generation)
+    except exceptions.PreconditionFailed:
+        raise PreconditionFailed(
+            f"{url} is no longer at generation {generation}"
+        ) from None
+    return int(blob.generation)
+
+
+import threading  # noqa: E402  (kept with the code that needs it)
+
+_memory_locks: dict[str, threading.Lock] = {}
+_memory_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive_lock(url: str) -> Iterator[None]:
+    """Holds an exclusive lock named by `url` (local or memory://).
+
+    Local paths use `fcntl.flock` on the file `url` (created if missing), which
+    also excludes other processes; memory:// uses a lock in this process. Other
+    schemes have no lock here (use generations on gs://) and raise ValueError.
+    """
+    proto = protocol(url)
+    if proto == "memory":
+        with _memory_locks_guard:
+            lock = _memory_locks.setdefault(url, threading.Lock())
+        with lock:
+            yield
+        return
+    if not is_local(url):
+        raise ValueError(f"no exclusive lock for {url} (scheme {proto}://)")
+    import fcntl
+
+    path = os.path.abspath(local_path(url))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,40 @@
+# The two commands of README.md: `make demo` and `make test`. Each creates its
+# own virtual environment in .venv and installs what it needs from pyproject.toml.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DATA ?= data/digits
+DEMO_WORKDIR ?= runs/digits
+
+.PHONY: demo test lint clean
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "trainer needs Python >= 3.11; set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.cpu: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[cpu]"
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[cpu,test]"
+	touch $@
+
+$(DEMO_DATA)/manifest.json: | $(VENV)/.cpu
+	$(PY) -m trainer convert --sample=digits --out=$(DEMO_DATA)
+
+# Train jobs/digits.toml on CPU into a local workdir. Running it again resumes an
+# interrupted run, or prints the summary of a completed one.
+demo: $(VENV)/.cpu $(DEMO_DATA)/manifest.json
+	$(PY) -m trainer train --job=jobs/digits.toml --workdir=$(DEMO_WORKDIR)
+
+test: $(VENV)/.test
+	$(PY) -m pytest
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check trainer tests benchmarks
+	$(VENV)/bin/ruff format --check trainer tests benchmarks
+
+clean:
+	rm -rf $(VENV) data runs

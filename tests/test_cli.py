@@ -1,0 +1,87 @@
+"""The command line as a user runs it: real subprocesses, exit codes, messages."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def trainer(*args: str, cwd=ROOT, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+def assert_bad_input(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit 2, one clear message on stderr, no traceback."""
+    import re
+
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_no_command_prints_usage():
+    proc = trainer()
+    assert_bad_input(proc, r"usage: trainer COMMAND")
+
+
+def test_unknown_command():
+    assert_bad_input(trainer("trian"), r"unknown command 'trian'")
+
+
+def test_unknown_flag():
+    assert_bad_input(trainer("train", "--jbo=x"), r"Unknown command line flag 'jbo'")
+
+
+def test_missing_job_file(tmp_path):
+    proc = trainer("train", "--job=no/such.toml", f"--workdir={tmp_path}/w")
+    assert_bad_input(proc, r"job spec not found: no/such.toml")
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_spec_lists_every_problem(tmp_path):
+    job = tmp_path / "bad.toml"
+    job.write_text((ROOT / "jobs" / "digits.toml").read_text().replace("image_size", "imag_size"))
+    proc = trainer("check", f"--job={job}", f"--workdir={tmp_path}/w", "--set=train.seed=x")
+    assert_bad_input(proc, r"data.imag_size: unknown key; did you mean 'image_size'")
+    assert "train.seed: received 'x'; expected an integer" in proc.stderr
+
+
+def test_workdir_required(tmp_path):
+    proc = trainer("train", "--job=jobs/digits.toml")
+    assert_bad_input(proc, r"--workdir is required")
+
+
+def test_glob_matching_nothing(tmp_path):
+    proc = trainer(
+        "check",
+        "--job=jobs/digits.toml",
+        f"--workdir={tmp_path}/w",
+        f"--set=data.train={tmp_path}/none-*.tfrecord",
+    )
+    assert_bad_input(proc, r"none-\*\.tfrecord")
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_layers_shows_legacy_alias():
+    proc = trainer("layers", "--backbone=resnet50", "--image_size=32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if "conv5_block1_1_conv" in ln)
+    assert "res5a_branch2a" in line
+
+
+def test_layers_unknown_backbone():
+    assert_bad_input(trainer("layers", "--backbone=resnet5"), r"resnet5.*did you mean")

@@ -1,0 +1,114 @@
+"""`trainer convert`: digits and image folders -> TFRecord shards and manifest.json."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from trainer import convert, input_pipeline, storage
+
+
+def _parse(record: bytes) -> dict:
+    return tf.io.parse_single_example(
+        record,
+        {
+            "image/encoded": tf.io.FixedLenFeature([], tf.string),
+            "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+            "image/format": tf.io.FixedLenFeature([], tf.string),
+            "image/height": tf.io.FixedLenFeature([], tf.int64),
+            "image/width": tf.io.FixedLenFeature([], tf.int64),
+            "image/class/text": tf.io.FixedLenFeature([], tf.string),
+        },
+    )
+
+
+def test_digits_shards_manifest_and_schema(digits_dir):
+    manifest = storage.read_json(os.path.join(digits_dir, "manifest.json"))
+    train, val = manifest["splits"]["train"], manifest["splits"]["validation"]
+    assert (train["records"], val["records"]) == (1438, 359)
+    assert [s["name"] for s in train["shards"]][0] == "train-00000-of-00007.tfrecord"
+    assert manifest["class_names"] == [str(i) for i in range(10)]
+    assert manifest["image_size"]["height"] == {"min": 32, "max": 32, "mean": 32.0}
+    labels = []
+    for entry in val["shards"]:
+        url = os.path.join(digits_dir, entry["name"])
+        records = [r.numpy() for r in tf.data.TFRecordDataset(url)]  # CRCs valid
+        assert len(records) == entry["records"]
+        assert os.path.getsize(url) == entry["bytes"]
+        for r in records:
+            f = _parse(r)
+            labels.append(int(f["image/class/label"]))
+            image = tf.io.decode_png(f["image/encoded"]).numpy()
+            assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+            assert f["image/format"] == b"png"
+            assert f["image/class/text"].numpy().decode() == str(labels[-1])
+            # grey replicated; 4x4 nearest upscaling of an 8x8 digit
+            assert (image[..., 0] == image[..., 2]).all()
+            assert (image[::4, ::4, 0] == image[3::4, 3::4, 0]).all()
+    # Stratified: every class in validation, in proportion (~36 each).
+    assert sorted(np.bincount(labels))[0] >= 30
+
+
+def test_digits_to_gcs_with_byte_sized_shards(gcs_server_drained, gcs_bucket):
+    out = storage.join(gcs_bucket, "digits")
+    manifest = convert.convert_sample_digits(
+        out, shard_bytes=100_000, validation_fraction=0.5, seed=1
+    )
+    train = manifest["splits"]["train"]
+    assert len(train["shards"]) >= 3  # ~900 records x ~400 B / 100 kB
+    assert all(80_000 < s["bytes"] < 120_000 for s in train["shards"])
+    assert train["records"] + manifest["splits"]["validation"]["records"] == 1797
+    shards = input_pipeline.list_shards(storage.join(out, "train-*.tfrecord"))
+    assert [storage.basename(s) for s in shards] == [s["name"] for s in train["shards"]]
+    assert storage.read_json(storage.join(out, "manifest.json")) == manifest
+
+
+def _image(fmt: str, size=(40, 30), value=100) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (value, value, value)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_convert_images_folder(tmp_path):
+    src = tmp_path / "images"
+    for cls, fmt, ext in (("dogs", "PNG", "png"), ("cats", "JPEG", "jpg")):
+        (src / cls).mkdir(parents=True)
+        for i in range(5):
+            (src / cls / f"{i}.{ext}").write_bytes(_image(fmt, size=(40 + i, 30)))
+    (src / "cats" / "notes.txt").write_text("not an image")
+    out = str(tmp_path / "out")
+    manifest = convert.convert_images(str(src), out, validation_fraction=0.2)
+    assert manifest["class_names"] == ["cats", "dogs"]
+    assert manifest["splits"]["train"]["records"] == 8
+    assert manifest["splits"]["validation"]["records"] == 2
+    assert manifest["image_size"]["width"] == {"min": 40, "max": 44, "mean": 42.0}
+    records = [
+        r.numpy()
+        for r in tf.data.TFRecordDataset(
+            tf.io.gfile.glob(os.path.join(out, "train-*.tfrecord"))
+        )
+    ]
+    formats = {
+        (int(_parse(r)["image/class/label"]), _parse(r)["image/format"].numpy())
+        for r in records
+    }
+    assert formats == {(0, b"jpeg"), (1, b"png")}
+
+
+def test_bad_images_dir_messages(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--images=.*missing: no such folder"):
+        convert.convert_images(str(tmp_path / "missing"), str(tmp_path / "o"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(_image("PNG"))
+    with pytest.raises(ValueError, match=r"no class subfolders"):
+        convert.convert_images(str(tmp_path / "flat"), str(tmp_path / "o"))
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"no images .* subfolders cats"):
+        convert.convert_images(str(tmp_path / "empty"), str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"validation_fraction=1.5"):
+        convert.convert_sample_digits(str(tmp_path / "o"), validation_fraction=1.5)

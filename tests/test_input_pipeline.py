@@ -1,0 +1,458 @@
+"""The streaming input pipeline: byte-exact reads, exact resume, sharding, bad data."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tracemalloc
+
+import fsspec.implementations.memory
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import config, convert, input_pipeline, storage
+from trainer.input_pipeline import DataError
+
+
+def make_spec(data_dir: str, *, batch: int = 32, **data) -> config.JobSpec:
+    overrides = [f"data.{k}={_toml(v)}" for k, v in data.items()]
+    overrides.append(f"train.global_batch_size={batch}")
+    return config.load(
+        f"""
+name = "t"
+[data]
+train = "{data_dir}/train-*.tfrecord"
+validation = "{data_dir}/validation-*.tfrecord"
+image_size = 32
+num_classes = 10
+[[phases]]
+name = "transfer"
+epochs = 1
+learning_rate = 0.001
+""",
+        overrides,
+        is_text=True,
+    )
+
+
+def _toml(v):
+    return f'"{v}"' if isinstance(v, str) else str(v)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    input_pipeline.clear_cache()
+    input_pipeline.reset_corrupt_records()
+    yield
+    input_pipeline.clear_cache()
+
+
+@pytest.fixture
+def gcs_digits(gcs_server_drained, gcs_bucket, digits_dir):
+    """The session's digits shards copied into a fresh emulator bucket."""
+    url = storage.join(gcs_bucket, "digits")
+    storage.put(digits_dir, url)
+    return url
+
+
+def batches(ds) -> list[tuple[np.ndarray, ...]]:
+    return [tuple(t.numpy() for t in b) for b in ds]
+
+
+def stream_ids(spec, epoch, input_context=None) -> np.ndarray:
+    """Record ids of a worker's epoch, in order, straight from the reader."""
+    gen = input_pipeline._train_records(spec, epoch, 0, input_context)
+    per_worker = input_pipeline.steps_per_epoch(spec) * spec.train.global_batch_size
+    if input_context is not None:
+        per_worker //= input_context.num_input_pipelines
+    out, have = [], 0
+    for _, _, ids in gen():
+        out.append(ids)
+        have += len(ids)
+        if have >= per_worker:
+            break
+    return np.concatenate(out)[:per_worker]
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def test_records_round_trip_byte_for_byte_from_gcs(gcs_digits, digits_dir):
+    for name in ("train-00000-of-00007.tfrecord", "validation-00006-of-00007.tfrecord"):
+        ours = list(input_pipeline.read_records(storage.join(gcs_digits, name)))
+        native = [
+            r.numpy() for r in tf.data.TFRecordDataset(os.path.join(digits_dir, name))
+        ]
+        assert ours == native and len(ours) > 40
+
+
+def test_epoch_reads_every_image_once_byte_for_byte(gcs_digits, digits_dir):
+    spec = make_spec(gcs_digits, batch=1)  # batch 1: no remainder dropped
+    gen = input_pipeline._train_records(spec, 0, 0, None)
+    total = input_pipeline.split_info(spec, "train")["records"]
+    got = []
+    for images, _, _ in gen():
+        got.extend(bytes(d) for d in images)
+        if len(got) >= total:
+            break
+    native = [
+        tf.train.Example.FromString(r.numpy())
+        .features.feature["image/encoded"]
+        .bytes_list.value[0]
+        for r in tf.data.TFRecordDataset(
+            sorted(tf.io.gfile.glob(os.path.join(digits_dir, "train-*")))
+        )
+    ]
+    assert len(got) == total == len(native) == 1438
+    assert sorted(got) == sorted(native)
+    assert got != native  # shuffled
+
+
+def test_train_and_eval_batches_have_fixed_shapes_and_types(gcs_digits):
+    spec = make_spec(gcs_digits, batch=64)
+    assert input_pipeline.steps_per_epoch(spec) == 1438 // 64
+    train = batches(input_pipeline.train_dataset(spec, epoch=0))
+    assert len(train) == 22
+    images, labels = train[0]
+    assert images.shape == (64, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int32 and set(labels) <= set(range(10))
+    evals = batches(input_pipeline.eval_dataset(spec))
+    assert len(evals) == 6  # ceil(359 / 64)
+    assert all(b[0].shape == (64, 32, 32, 3) for b in evals)
+    weights = np.concatenate([b[2] for b in evals])
+    assert weights.sum() == 359 and weights.dtype == np.float32
+    assert not weights[359:].any()
+
+
+def test_split_info_counts_from_manifest_or_cached_count(tmp_path, digits_dir):
+    data = str(tmp_path / "d")
+    storage.put(digits_dir, data)
+    spec = make_spec(data)
+    assert input_pipeline.split_info(spec, "train")["records"] == 1438
+    os.remove(os.path.join(data, "manifest.json"))
+    input_pipeline.clear_cache()
+    info = input_pipeline.split_info(spec, "validation")
+    assert info["records"] == 359 and len(info["shards"]) == 7
+    cache = storage.read_json(os.path.join(data, input_pipeline.COUNTS_CACHE))
+    assert sum(v["records"] for v in cache.values()) == 359
+
+
+# ---------------------------------------------------------------------------
+# Order and exact resume
+
+
+@pytest.mark.parametrize("augment", ["none", "flip_crop"])
+def test_resume_at_step_equals_tail_of_uninterrupted_epoch(gcs_digits, augment):
+    spec = make_spec(gcs_digits, batch=32, shuffle_buffer=300, augment=augment)
+    steps = input_pipeline.steps_per_epoch(spec)
+    for epoch in (0, 1):
+        full = batches(input_pipeline.train_dataset(spec, epoch=epoch))
+        assert len(full) == steps == 44
+        # 9 is mid-window (300 records), 10 crosses a window, 23 is mid-shard.
+        for start in (1, 9, 10, 23, steps - 1, steps):
+            tail = batches(
+                input_pipeline.train_dataset(spec, epoch=epoch, start_step=start)
+            )
+            assert len(tail) == steps - start
+            for got, want in zip(tail, full[start:], strict=True):
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1])
+    other = batches(input_pipeline.train_dataset(spec, epoch=2))
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(other, full, strict=True))
+
+
+def test_augmentation_changes_images_but_not_labels(digits_dir):
+    plain = batches(input_pipeline.train_dataset(make_spec(digits_dir), epoch=0))
+    input_pipeline.clear_cache()
+    spec = make_spec(digits_dir, augment="flip_crop")
+    aug = batches(input_pipeline.train_dataset(spec, epoch=0))
+    np.testing.assert_array_equal(plain[0][1], aug[0][1])
+    assert not np.array_equal(plain[0][0], aug[0][0])
+    val = batches(input_pipeline.eval_dataset(spec))
+    val_plain = batches(input_pipeline.eval_dataset(make_spec(digits_dir)))
+    np.testing.assert_array_equal(val[0][0], val_plain[0][0])  # never augmented
+
+
+def test_binary_labels_for_one_class(tmp_path):
+    data = str(tmp_path)
+    records = [_example(label=i % 2) for i in range(40)]
+    _write_shard(f"{data}/train-00000-of-00001.tfrecord", records)
+    _write_shard(f"{data}/validation-00000-of-00001.tfrecord", records[:10])
+    spec = make_spec(data, batch=8, num_classes=1)
+    labels = np.concatenate(
+        [b[1] for b in batches(input_pipeline.train_dataset(spec, epoch=0))]
+    )
+    assert sorted(set(labels)) == [0, 1] and len(labels) == 40
+
+
+# ---------------------------------------------------------------------------
+# Distribution
+
+
+def _context(workers, worker, replicas_per_worker=1):
+    return tf.distribute.InputContext(
+        num_input_pipelines=workers,
+        input_pipeline_id=worker,
+        num_replicas_in_sync=workers * replicas_per_worker,
+    )
+
+
+def test_workers_read_disjoint_shards_covering_the_data(digits_dir):
+    spec = make_spec(digits_dir, batch=32)
+    ids = [stream_ids(spec, 0, _context(2, w)) for w in range(2)]
+    shards = [set(i >> 32) for i in ids]
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == set(range(7))
+    steps = input_pipeline.steps_per_epoch(spec)
+    for w in range(2):
+        ds = input_pipeline.train_dataset(spec, epoch=0, input_context=_context(2, w))
+        got = batches(ds)
+        assert len(got) == steps and got[0][0].shape == (16, 32, 32, 3)
+
+
+def test_fewer_shards_than_workers_falls_back_to_records(tmp_path, caplog):
+    data = str(tmp_path)
+    _write_shard(
+        f"{data}/train-00000-of-00001.tfrecord",
+        [_example(label=i % 10) for i in range(50)],
+    )
+    _write_shard(f"{data}/validation-00000-of-00001.tfrecord", [_example()] * 5)
+    spec = make_spec(data, batch=12)
+    with caplog.at_level(logging.WARNING):
+        ids = [stream_ids(spec, 0, _context(3, w)) for w in range(3)]
+    assert "1 shards for 3 workers" in caplog.text
+    assert not set(ids[0]) & set(ids[1]) and not set(ids[1]) & set(ids[2])
+    assert set(np.concatenate(ids) >> 32) == {0}
+    counts, weight = [], 0.0
+    for w in range(3):  # 3 workers x 2 replicas: per-replica eval batch 2
+        got = batches(
+            input_pipeline.eval_dataset(spec, input_context=_context(3, w, 2))
+        )
+        counts.append(len(got))
+        assert all(b[0].shape == (2, 32, 32, 3) for b in got)
+        weight += sum(b[2].sum() for b in got)
+    assert len(set(counts)) == 1 and weight == 5
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+def _example(label=3, image=None, keys=None) -> bytes:
+    if image is None:
+        image = convert._encode_png(np.full((32, 32, 3), 7, np.uint8))
+    ex = convert.make_example(image, label, height=32, width=32, fmt=b"png", text="x")
+    if keys is not None:
+        parsed = tf.train.Example.FromString(ex)
+        for k in list(parsed.features.feature):
+            if k not in keys:
+                del parsed.features.feature[k]
+        ex = parsed.SerializeToString()
+    return ex
+
+
+def _write_shard(url: str, records: list[bytes]) -> None:
+    storage.write_bytes(url, b"".join(convert.frame_record(r) for r in records))
+
+
+def _bad_dir(tmp_path, bad_record: bytes | None = None, raw: bytes | None = None):
+    data = str(tmp_path)
+    good = [_example(label=i % 10) for i in range(20)]
+    blob = b"".join(convert.frame_record(r) for r in good)
+    if bad_record is not None:
+        blob += convert.frame_record(bad_record)
+    if raw is not None:
+        blob = raw
+    storage.write_bytes(f"{data}/train-00000-of-00001.tfrecord", blob)
+    _write_shard(f"{data}/validation-00000-of-00001.tfrecord", good[:4])
+    return data
+
+
+def _consume(spec):
+    try:
+        batches(input_pipeline.train_dataset(spec, epoch=0))
+    except tf.errors.OpError as e:
+        input_pipeline.reraise_data_error(e)
+
+
+def test_glob_matching_nothing_names_the_glob(tmp_path):
+    spec = make_spec(str(tmp_path / "nothing"))
+    with pytest.raises(
+        FileNotFoundError, match=r"no TFRecord shards match .*nothing/train-\*"
+    ):
+        input_pipeline.train_dataset(spec, epoch=0)
+
+
+def test_shard_deleted_after_listing(gcs_digits):
+    spec = make_spec(gcs_digits)
+    input_pipeline.split_info(spec, "train")
+    storage.rm(storage.join(gcs_digits, "train-00003-of-00007.tfrecord"))
+    with pytest.raises(
+        DataError, match=r"train-00003-of-00007.tfrecord: shard not found"
+    ):
+        _consume(spec)
+
+
+def test_truncated_shard(tmp_path):
+    good = b"".join(convert.frame_record(_example()) for _ in range(20))
+    data = _bad_dir(tmp_path, raw=good[:-100])
+    with pytest.raises(
+        DataError,
+        match=r"train-00000-of-00001.tfrecord: truncated shard: record 19 at byte offset \d+",
+    ):
+        _consume(make_spec(data, batch=4))
+
+
+def test_crc_mismatch(tmp_path):
+    frame = convert.frame_record(_example())
+    blob = bytearray(frame * 20)
+    blob[9 * len(frame) + 12 + 40] ^= 0xFF  # inside record 9's data
+    data = _bad_dir(tmp_path, raw=bytes(blob))
+    with pytest.raises(
+        DataError,
+        match=r"tfrecord: CRC mismatch in record 9 at byte offset \d+; re-create",
+    ):
+        _consume(make_spec(data, batch=4))
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (b"\xff not a proto \x00", r"record 20 is not a serialized tf.train.Example"),
+        (
+            _example(keys=["image/encoded"]),
+            r"record 20 has no int64 feature 'image/class/label'",
+        ),
+        (_example(image=b"hello"), r"record 20 holds image bytes that are not JPEG"),
+        (_example(label=10), r"record 20 has label 10 .* outside \[0, 10\)"),
+    ],
+)
+def test_bad_record_is_named(tmp_path, record, message):
+    data = _bad_dir(tmp_path, bad_record=record)
+    with pytest.raises(DataError, match=r"train-00000-of-00001.tfrecord: " + message):
+        _consume(make_spec(data, batch=7))
+
+
+def test_skip_drops_and_counts_corrupt_records(tmp_path):
+    data = _bad_dir(tmp_path, bad_record=_example(label=99))
+    spec = make_spec(data, batch=7, on_corrupt="skip")
+    got = batches(input_pipeline.train_dataset(spec, epoch=0))
+    assert len(got) == 21 // 7
+    assert input_pipeline.corrupt_records()["bad_label"] >= 1
+    assert input_pipeline.corrupt_records()["total"] >= 1
+
+
+# ---------------------------------------------------------------------------
+# Memory
+
+
+def test_memory_is_bounded_while_streaming_a_large_shard(tmp_path):
+    block = 256 * 1024
+    record = os.urandom(8 * 1024)
+    url = str(tmp_path / "big.tfrecord")
+    with open(url, "wb") as f:
+        for _ in range(3000):  # ~24 MB, ~100 blocks
+            f.write(convert.frame_record(record))
+    input_pipeline._stats["max_buffer_bytes"] = 0
+    tracemalloc.start()
+    try:
+        n = sum(1 for _ in input_pipeline._iter_shard(url, block_size=block))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 3000
+    assert input_pipeline.reader_stats()["max_buffer_bytes"] <= block + len(record) + 16
+    assert peak < 4 * block + 1024 * 1024, peak
+
+
+class _FlakyFS(fsspec.implementations.memory.MemoryFileSystem):
+    """`flaky://`: an in-memory store whose next `failures` reads reset."""
+
+    protocol = "flaky"
+    failures = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("flaky://", "memory://", 1))
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        if "r" in mode:
+            read = f.read
+
+            def flaky_read(*args):
+                if _FlakyFS.failures > 0:
+                    _FlakyFS.failures -= 1
+                    raise ConnectionResetError(104, "Connection reset by peer")
+                return read(*args)
+
+            f.read = flaky_read
+        return f
+
+
+def test_transient_errors_are_retried(caplog):
+    fsspec.register_implementation("flaky", _FlakyFS, clobber=True)
+    records = [_example(label=i) for i in range(10)]
+    _write_shard("flaky://retry/a.tfrecord", records)
+    _FlakyFS.failures = 2
+    with caplog.at_level(logging.WARNING):
+        got = list(input_pipeline.read_records("flaky://retry/a.tfrecord"))
+    assert got == records and _FlakyFS.failures == 0
+    assert caplog.text.count("transient error reading flaky://retry/a.tfrecord") == 2
+
+
+def test_shard_deleted_mid_read(gcs_server_drained, gcs_bucket):
+    url = storage.join(gcs_bucket, "train-00000-of-00001.tfrecord")
+    _write_shard(url, [_example(label=i % 10) for i in range(200)])  # ~100 kB
+    reader = input_pipeline._iter_shard(url, block_size=4096)
+    next(reader)
+    storage.rm(url)
+    with pytest.raises(
+        DataError, match=r"tfrecord: shard not found at byte offset 4096"
+    ):
+        list(reader)
+
+
+@pytest.mark.parametrize("shuffle_buffer, workers", [(0, 1), (7, 1), (20, 1), (5, 8)])
+def test_every_start_record_on_uneven_shards(tmp_path, shuffle_buffer, workers):
+    """Round robin over shards of unequal length, resumed at every record.
+
+    With 8 workers for 6 shards, each worker strides over the records.
+    """
+    data = str(tmp_path)
+    sizes = [3, 17, 1, 9, 30, 4]  # in groups of 4 (after the epoch's shard shuffle)
+    for s, n in enumerate(sizes):
+        name = f"train-{s:05d}-of-{len(sizes):05d}.tfrecord"
+        _write_shard(f"{data}/{name}", [_example(label=i % 10) for i in range(n)])
+    _write_shard(f"{data}/validation-00000-of-00001.tfrecord", [_example()])
+    spec = make_spec(data, batch=workers, shuffle_buffer=shuffle_buffer)
+    ctx = _context(workers, 3) if workers > 1 else None
+    total = len(range(3, sum(sizes), workers)) if workers > 1 else sum(sizes)
+
+    def ids_from(start):
+        out = []
+        for _, _, ids in input_pipeline._train_records(spec, 5, start, ctx)():
+            out.extend(ids.tolist())
+            if len(out) >= total - start:
+                return out[: total - start]
+        return out
+
+    full = ids_from(0)
+    every = sorted((s << 32) + i for s, n in enumerate(sizes) for i in range(n))
+    assert len(set(full)) == total and set(full) <= set(every)
+    if workers == 1:
+        assert sorted(full) == every
+    for start in range(1, total):
+        assert ids_from(start) == full[start:], start
+
+
+def test_undecodable_image_bytes(tmp_path):
+    bad = _example(image=b"\xff\xd8\xff\xe0 truncated jpeg")
+    data = _bad_dir(tmp_path, bad_record=bad)
+    with pytest.raises(DataError, match=r"image bytes could not be decoded"):
+        _consume(make_spec(data, batch=7))
+    input_pipeline.clear_cache()
+    spec = make_spec(data, batch=7, on_corrupt="skip")
+    assert len(batches(input_pipeline.train_dataset(spec, epoch=0))) == 3

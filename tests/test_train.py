@@ -1,0 +1,113 @@
+"""End to end: `trainer train` on a slice of the real digits, both phases, on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from tests.test_cli import assert_bad_input, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A small, fast version of the digits recipe: both phases, a few steps each.
+FAST = [
+    "train.global_batch_size=16",
+    "train.checkpoint_every_steps=4",
+    "phases.transfer.epochs=2",
+    "phases.transfer.steps_per_epoch=6",
+    "phases.finetune.epochs=1",
+    "phases.finetune.steps_per_epoch=2",
+    "phases.finetune.jit_compile=false",
+]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    from trainer import convert
+
+    out = str(tmp_path_factory.mktemp("digits"))
+    convert.convert_sample_digits(out, shards=2)
+    return out
+
+
+def job_args(digits: str, workdir: str, *extra: str) -> list[str]:
+    return [
+        "--job=jobs/digits.toml",
+        f"--workdir={workdir}",
+        f"--set=data.train={digits}/train-*.tfrecord",
+        f"--set=data.validation={digits}/validation-*.tfrecord",
+        *(f"--set={s}" for s in FAST),
+        *extra,
+    ]
+
+
+def test_train_end_to_end_then_rerun_is_a_noop(digits, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = trainer("train", *job_args(digits, workdir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = pathlib.Path(workdir)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["phase"] == "finetune"
+    assert summary["global_step"] == 2 * 6 + 2
+    assert 0.0 <= summary["metrics"]["val_accuracy"] <= 1.0
+    assert [h["phase"] for h in summary["history"]] == ["transfer", "transfer", "finetune"]
+    assert json.loads((run / "job.json").read_text())["model"]["backbone"] == "resnet50"
+    assert (run / "checkpoints" / "LATEST").exists()
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    assert (run / "plots" / "training_curves.png").stat().st_size > 1000
+    assert "phase 'finetune'" in proc.stdout and "trainable_from='res5a_branch2a'" in proc.stdout
+
+    again = trainer("train", *job_args(digits, workdir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already completed" in again.stdout
+    assert json.loads((run / "summary.json").read_text()) == summary
+
+
+def test_exported_model_loads_in_safe_mode(digits, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = trainer("train", *job_args(digits, workdir, "--set=phases.finetune.steps_per_epoch=1"))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    import keras
+
+    import trainer as _  # noqa: F401  (registers the preprocessing layer)
+
+    model = keras.saving.load_model(os.path.join(workdir, "export", "model.keras"))
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    probs = model.predict_on_batch(pixels)
+    assert probs.shape == (2, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+    ev = trainer("evaluate", f"--workdir={workdir}")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "accuracy" in ev.stdout
+
+
+def test_check_leaves_no_checkpoint(digits, tmp_path):
+    workdir = tmp_path / "run"
+    proc = trainer("check", *job_args(digits, str(workdir)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "check passed" in proc.stdout
+    assert "steps_per_epoch" in proc.stdout and "trainable_params" in proc.stdout
+    assert not (workdir / "checkpoints").exists()
+    assert not (workdir / "summary.json").exists()
+
+
+def test_image_size_too_small_for_backbone(digits, tmp_path):
+    proc = trainer(
+        "check", *job_args(digits, str(tmp_path / "w"), "--set=model.backbone=inceptionv3")
+    )
+    assert_bad_input(proc, r"data.image_size.*inceptionv3")
+
+
+def test_unknown_layer_name(digits, tmp_path):
+    proc = trainer(
+        "check",
+        *job_args(digits, str(tmp_path / "w"), "--set=phases.finetune.trainable_from=res5a_brnch2a"),
+    )
+    assert_bad_input(proc, r"res5a_brnch2a")
+    assert "res5a_branch2a" in proc.stderr

@@ -1,0 +1,194 @@
+"""Command line: `trainer COMMAND [flags]`; the only module that reads absl FLAGS.
+
+Kept thin on purpose (flax's main.py): everything it calls is a library
+function that a notebook can call too, e.g. `train.run(spec, workdir)`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+COMMANDS = ("train", "check", "layers", "convert", "evaluate", "predict")
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("job", None, "Job spec: path or URL of a TOML file (jobs/digits.toml).")
+flags.DEFINE_string("workdir", None, "Run directory: local path or fsspec URL (gs://...). Its identity: re-running resumes.")
+flags.DEFINE_multi_string("set", [], "Override a spec key: --set=train.seed=1 --set=phases.finetune.epochs=1.")
+flags.DEFINE_string("deadline", None, "Stop with a checkpoint (exit 75) before this much time has passed, e.g. 11h30m.")
+flags.DEFINE_string("backbone", "resnet50", "`layers`: the backbone to list.")
+flags.DEFINE_integer("image_size", 224, "`layers`: input size to build the backbone at.")
+flags.DEFINE_string("images", None, "`convert`: a folder with one subfolder of images per class.")
+flags.DEFINE_string("sample", None, "`convert`: a bundled sample data set (digits).")
+flags.DEFINE_string("out", None, "`convert`: output URL for the TFRecord shards.")
+flags.DEFINE_integer("shards", None, "`convert`: number of shards per split (default: by size, ~100 MB each).")
+flags.DEFINE_float("validation_fraction", 0.2, "`convert`: fraction held out as validation.")
+flags.DEFINE_integer("image_size_out", None, "`convert --images`: resize images to this square size.")
+flags.DEFINE_string("data", None, "`evaluate`: TFRecord URL glob (default: the job's validation data).")
+
+
+def _usage() -> str:
+    return (
+        "usage: trainer COMMAND [flags]\n"
+        "  train    --job=JOB.toml --workdir=URL [--set=KEY=VALUE ...] [--deadline=11h30m]\n"
+        "  check    --job=JOB.toml --workdir=URL [--set=...]   (CPU dry run, writes nothing)\n"
+        "  layers   --backbone=NAME\n"
+        "  convert  (--images=DIR | --sample=digits) --out=URL [--shards=N] [--validation_fraction=F]\n"
+        "  evaluate --workdir=URL [--data=GLOB]\n"
+        "  predict  --workdir=URL FILE_OR_URL ...\n"
+        "run `trainer --helpfull` for every flag"
+    )
+
+
+class UsageError(ValueError):
+    """Bad command line: exit 2 with the message."""
+
+
+def _require(name: str) -> str:
+    value = getattr(FLAGS, name)
+    if not value:
+        raise UsageError(f"--{name} is required for this command\n{_usage()}")
+    return value
+
+
+def _workdir() -> str:
+    """--workdir, or on Vertex AI the parent of AIP_CHECKPOINT_DIR / AIP_MODEL_DIR."""
+    if FLAGS.workdir:
+        return FLAGS.workdir
+    for var in ("AIP_CHECKPOINT_DIR", "AIP_MODEL_DIR"):
+        if os.environ.get(var):
+            from trainer import storage
+
+            return storage.dirname(os.environ[var].rstrip("/"))
+    raise UsageError(f"--workdir is required (a local path or a URL such as gs://bucket/run)\n{_usage()}")
+
+
+def _spec():
+    from trainer import config
+
+    return config.load(_require("job"), FLAGS.set)
+
+
+def main(argv: list[str]) -> int:
+    args = argv[1:]
+    if not args or args[0] not in COMMANDS:
+        got = f"unknown command {args[0]!r}\n" if args else ""
+        raise UsageError(got + _usage())
+    command, rest = args[0], args[1:]
+    if rest and command != "predict":
+        raise UsageError(f"unexpected arguments {rest!r} for `{command}`\n{_usage()}")
+    if command == "train":
+        spec, workdir = _spec(), _workdir()
+        from trainer import preemption, train
+
+        deadline = preemption.parse_duration(FLAGS.deadline) if FLAGS.deadline else None
+
+        train.run(spec, workdir, deadline_seconds=deadline)
+    elif command == "check":
+        spec, workdir = _spec(), _workdir()
+        from trainer import train
+
+        train.check(spec, workdir)
+    elif command == "layers":
+        from trainer import models
+
+        print(models.format_layer_table(models.layer_table(FLAGS.backbone, FLAGS.image_size)))
+    elif command == "convert":
+        from trainer import convert
+
+        out = _require("out")
+        if bool(FLAGS.images) == bool(FLAGS.sample):
+            raise UsageError("convert needs exactly one of --images=DIR or --sample=digits")
+        if FLAGS.sample:
+            if FLAGS.sample != "digits":
+                raise UsageError(f"--sample: received {FLAGS.sample!r}; expected 'digits'")
+            info = convert.convert_sample_digits(
+                out, shards=FLAGS.shards, validation_fraction=FLAGS.validation_fraction
+            )
+        else:
+            info = convert.convert_images(
+                FLAGS.images,
+                out,
+                shards=FLAGS.shards,
+                validation_fraction=FLAGS.validation_fraction,
+                image_size=FLAGS.image_size_out,
+            )
+        print(convert.describe(info))
+    elif command == "evaluate":
+        from trainer import evaluate
+
+        evaluate.evaluate(_workdir(), data=FLAGS.data)
+    elif command == "predict":
+        from trainer import evaluate
+
+        if not rest:
+            raise UsageError("predict needs at least one image file or URL")
+        evaluate.predict(_workdir(), rest)
+    return 0
+
+
+def _is_bad_input(e: BaseException) -> bool:
+    """Whether `e` means bad input (exit 2) rather than a bug (exit 1).
+
+    Our own input errors are ValueError / FileNotFoundError / PermissionError
+    subclasses raised by trainer code; the same types raised deep inside
+    TensorFlow or Keras are bugs until shown otherwise, so they keep their
+    traceback.
+    """
+    if isinstance(e, UsageError):
+        return True
+    if not isinstance(e, (ValueError, FileNotFoundError, PermissionError)):
+        return False
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and os.path.dirname(os.path.abspath(last)) == _PACKAGE_DIR
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _entry(argv: list[str]) -> None:
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except Exception as e:  # Mapped to the exit codes of design.md.
+        preemption = sys.modules.get("trainer.preemption")
+        if preemption is not None and isinstance(e, preemption.Preempted):
+            print(f"stopped ({e}) after a durable checkpoint: run the same command "
+                  "again to resume", file=sys.stderr)
+            code = EXIT_PREEMPTED
+        elif _is_bad_input(e):
+            print(f"error: {e}", file=sys.stderr)
+            code = EXIT_BAD_INPUT
+        else:
+            raise
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag exits 2 (bad input), not 1."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}\n{_usage()}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def run_main() -> None:
+    """Console-script entry point (`trainer`)."""
+    logging.set_verbosity(logging.WARNING)
+    app.run(_entry, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run_main()

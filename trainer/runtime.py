@@ -1,0 +1,215 @@
+"""Where we run: platform detection, distribution strategy, precision, chief."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from trainer import config
+
+log = logging.getLogger(__name__)
+
+
+def detect_platform(environ: dict[str, str] | None = None) -> str:
+    """One of "vertex", "kaggle", "colab", "gce", "local", from the environment.
+
+    Each check is an environment variable the platform documents or sets in its
+    images, so detection is instant and never touches the network.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("CLOUD_ML_JOB_ID") or env.get("AIP_MODEL_DIR"):
+        return "vertex"
+    if env.get("KAGGLE_KERNEL_RUN_TYPE") or env.get("KAGGLE_URL_BASE"):
+        return "kaggle"
+    if env.get("COLAB_RELEASE_TAG") or env.get("COLAB_GPU") is not None or (
+        environ is None and "google.colab" in sys.modules
+    ):
+        return "colab"
+    if env.get("TRAINER_PLATFORM"):
+        return env["TRAINER_PLATFORM"]
+    if environ is None and _dmi_says_google():
+        return "gce"
+    return "local"
+
+
+def _dmi_says_google() -> bool:
+    try:
+        with open("/sys/class/dmi/id/product_name", encoding="utf-8") as f:
+            return "Google" in f.read()
+    except OSError:
+        return False
+
+
+def tpu_address(environ: dict[str, str] | None = None) -> str | None:
+    """The TPU to connect to, or None when there is none.
+
+    `TPU_NAME` (Cloud TPU, Vertex, GKE), `COLAB_TPU_ADDR` (legacy Colab TPU
+    nodes), and TPU VMs (Kaggle and Colab TPU v2/v5e runtimes, GCE TPU VMs),
+    which expose the chips as /dev/accel* or /dev/vfio and connect as "local".
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TPU_NAME"):
+        return env["TPU_NAME"]
+    if env.get("COLAB_TPU_ADDR"):
+        return "grpc://" + env["COLAB_TPU_ADDR"]
+    if env.get("TPU_ACCELERATOR_TYPE") or env.get("TPU_WORKER_ID") is not None:
+        return "local"
+    if environ is None and (
+        any(n.startswith("accel") for n in _listdir("/dev"))
+        or os.path.exists("/dev/vfio/0")
+    ):
+        return "local"
+    return None
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def tf_config_workers(environ: dict[str, str] | None = None) -> int:
+    """Number of workers (chief included) in TF_CONFIG; 1 when there is none."""
+    env = os.environ if environ is None else environ
+    raw = env.get("TF_CONFIG")
+    if not raw:
+        return 1
+    try:
+        cluster = json.loads(raw).get("cluster", {})
+    except ValueError:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {raw[:200]!r}") from None
+    return sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """The run-time choices; recorded in checkpoints and reused on resume."""
+
+    strategy: object  # tf.distribute.Strategy
+    strategy_name: str
+    device_type: str  # "cpu" | "gpu" | "tpu"
+    precision: str  # "float32" | "mixed_float16" | "mixed_bfloat16"
+    num_replicas: int
+    is_chief: bool
+    platform: str
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "strategy": self.strategy_name,
+            "device_type": self.device_type,
+            "precision": self.precision,
+            "num_replicas": self.num_replicas,
+            "is_chief": self.is_chief,
+            "platform": self.platform,
+        }
+
+
+def setup(rt: config.RuntimeConfig, *, deterministic: bool = False, seed: int = 0) -> Runtime:
+    """Builds the strategy and sets the global precision policy.
+
+    Must run before any other TensorFlow op: MultiWorkerMirroredStrategy and the
+    TPU system can only be initialised on a fresh context.
+    """
+    import keras
+    import tensorflow as tf
+
+    if deterministic:
+        # Same seeds and deterministic kernels: a resumed run then computes
+        # bit for bit what an uninterrupted one does.
+        keras.utils.set_random_seed(seed)
+        tf.config.experimental.enable_op_determinism()
+    _split_cpu_for_tests(tf)
+    name = rt.strategy
+    if name == "auto":
+        name = _auto_strategy(tf)
+    strategy, device_type = _make_strategy(tf, name)
+    precision = rt.mixed_precision
+    if precision == "auto":
+        precision = {
+            "tpu": "mixed_bfloat16",
+            "gpu": "mixed_float16" if _gpus_have_tensor_cores(tf) else "float32",
+        }.get(device_type, "float32")
+    keras.mixed_precision.set_global_policy(precision)
+    return Runtime(
+        strategy=strategy,
+        strategy_name=name,
+        device_type=device_type,
+        precision=precision,
+        num_replicas=strategy.num_replicas_in_sync,
+        is_chief=is_chief(strategy),
+        platform=detect_platform(),
+    )
+
+
+def _split_cpu_for_tests(tf) -> None:
+    """TRAINER_CPU_DEVICES=N splits the CPU into N logical devices.
+
+    This is how MirroredStrategy is exercised on a machine without GPUs.
+    """
+    n = int(os.environ.get("TRAINER_CPU_DEVICES", "0") or 0)
+    if n > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * n
+        )
+
+
+def _auto_strategy(tf) -> str:
+    if tpu_address():
+        return "tpu"
+    if tf_config_workers() > 1:
+        return "multiworker"
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1 or len(tf.config.list_logical_devices("CPU")) > 1:
+        return "mirrored"
+    if len(gpus) == 1:
+        return "one_device"
+    return "cpu"
+
+
+def _make_strategy(tf, name: str):
+    if name == "tpu":
+        address = tpu_address() or "local"
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver), "tpu"
+    gpus = tf.config.list_physical_devices("GPU")
+    device_type = "gpu" if gpus else "cpu"
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy(), device_type
+    if name == "mirrored":
+        devices = None
+        if not gpus:
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices), device_type
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0"), device_type
+    if name == "cpu":
+        return tf.distribute.get_strategy(), "cpu"
+    raise ValueError(f"runtime.strategy: unknown strategy {name!r}")
+
+
+def _gpus_have_tensor_cores(tf) -> bool:
+    """float16 pays off from compute capability 7.0 (Volta) on (Keras guide)."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        if details.get("compute_capability", (0, 0)) < (7, 0):
+            return False
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def is_chief(strategy) -> bool:
+    """Only the chief writes checkpoints, summaries and exports."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
