@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 
 import pytest
@@ -21,6 +22,15 @@ def gcs_server():
 
     server = FakeGCSServer()
     server.start()
+    # The wrapper starts the server with stderr=PIPE and never reads it: once
+    # ~64 KB of request logs fill the pipe, the server blocks and every request
+    # hangs. A thread drains it.
+    stream = server._process.stderr
+    threading.Thread(
+        target=lambda: [None for _ in iter(lambda: stream.read(65536), b"")],
+        daemon=True,
+        name="fake-gcs-server-stderr",
+    ).start()
     try:
         yield server
     finally:
@@ -47,24 +57,3 @@ def digits_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("digits"))
     convert.convert_sample_digits(out, shards=7)
     return out
-
-
-@pytest.fixture(scope="session")
-def gcs_server_drained(gcs_server):
-    """`gcs_server` with its stderr pipe drained by a thread.
-
-    The wrapper starts fake-gcs-server with `stderr=PIPE` and never reads it:
-    once ~64 KB of request logs fill the pipe the server blocks and every
-    request hangs. Tests making more than a few hundred requests need this.
-    """
-    import threading
-
-    stream = gcs_server._process.stderr
-    if stream is not None and not getattr(gcs_server, "_drained", False):
-        gcs_server._drained = True
-        threading.Thread(
-            target=lambda: [None for _ in iter(lambda: stream.read(65536), b"")],
-            daemon=True,
-            name="fake-gcs-server-stderr",
-        ).start()
-    return gcs_server

@@ -137,8 +137,8 @@ def test_latest_never_moves_backwards(workdir):
     m.save(5, arrays_at(5), {}, blocking=True)
     with pytest.raises(CheckpointError, match="never moves backwards"):
         m.save(3, arrays_at(3), {})
-    with pytest.raises(CheckpointError, match="never moves backwards"):
-        m.save(5, arrays_at(5), {})
+    m.save(5, arrays_at(6), {"ignored": True}, blocking=True)  # Same step: no-op.
+    assert CheckpointManager(workdir).restore()[1] == {}
     # A restart resumes from LATEST and cannot go behind it either.
     m2 = manager(workdir)
     with pytest.raises(CheckpointError, match="already has step 5"):
@@ -155,7 +155,9 @@ def flip_byte(url: str, offset: int = 100) -> None:
 @pytest.mark.parametrize(
     "damage",
     [
-        pytest.param(lambda c: flip_byte(storage.join(c, "arrays-00000.bin")), id="flip"),
+        pytest.param(
+            lambda c: flip_byte(storage.join(c, "arrays-00000.bin")), id="flip"
+        ),
         pytest.param(lambda c: storage.rm(storage.join(c, "state.json")), id="rm-file"),
         pytest.param(
             lambda c: storage.rm(storage.join(c, "manifest.json")), id="rm-manifest"
@@ -321,7 +323,9 @@ def test_snapshot_and_assign_keras(tmp_path):
     assert_arrays_equal(snapshot, before)
 
     m = manager(str(tmp_path / "run"))
-    m.save(4, lambda: checkpoint.snapshot_variables(model, optimizer), {}, blocking=True)
+    m.save(
+        4, lambda: checkpoint.snapshot_variables(model, optimizer), {}, blocking=True
+    )
     arrays, _ = CheckpointManager(str(tmp_path / "run")).restore()
 
     fresh = small_model(keras)  # Same names; other global counters.
@@ -333,8 +337,12 @@ def test_snapshot_and_assign_keras(tmp_path):
 
     incomplete = dict(arrays)
     del incomplete["model/hidden/kernel"]
-    with pytest.raises(CheckpointError, match="missing from the checkpoint: model/hidden/kernel"):
+    with pytest.raises(
+        CheckpointError, match="missing from the checkpoint: model/hidden/kernel"
+    ):
         checkpoint.assign_variables(fresh, fresh_opt, incomplete)
     wrong = {**arrays, "model/out/bias": np.zeros(4, np.float32), "extra": np.zeros(1)}
-    with pytest.raises(CheckpointError, match=r"extra.*model/out/bias \(variable \(3,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"extra.*model/out/bias \(variable \(3,\)"
+    ):
         checkpoint.assign_variables(fresh, fresh_opt, wrong)

@@ -54,7 +54,7 @@ def test_digits_shards_manifest_and_schema(digits_dir):
     assert sorted(np.bincount(labels))[0] >= 30
 
 
-def test_digits_to_gcs_with_byte_sized_shards(gcs_server_drained, gcs_bucket):
+def test_digits_to_gcs_with_byte_sized_shards(gcs_server, gcs_bucket):
     out = storage.join(gcs_bucket, "digits")
     manifest = convert.convert_sample_digits(
         out, shard_bytes=100_000, validation_fraction=0.5, seed=1

@@ -49,7 +49,7 @@ def _fresh_caches():
 
 
 @pytest.fixture
-def gcs_digits(gcs_server_drained, gcs_bucket, digits_dir):
+def gcs_digits(gcs_server, gcs_bucket, digits_dir):
     """The session's digits shards copied into a fresh emulator bucket."""
     url = storage.join(gcs_bucket, "digits")
     storage.put(digits_dir, url)
@@ -403,7 +403,7 @@ def test_transient_errors_are_retried(caplog):
     assert caplog.text.count("transient error reading flaky://retry/a.tfrecord") == 2
 
 
-def test_shard_deleted_mid_read(gcs_server_drained, gcs_bucket):
+def test_shard_deleted_mid_read(gcs_server, gcs_bucket):
     url = storage.join(gcs_bucket, "train-00000-of-00001.tfrecord")
     _write_shard(url, [_example(label=i % 10) for i in range(200)])  # ~100 kB
     reader = input_pipeline._iter_shard(url, block_size=4096)

@@ -14,8 +14,8 @@ Layout under `{workdir}/checkpoints/`:
 A checkpoint folder is written in full (data, then its manifest), every file is
 confirmed in the store, and only then LATEST is rewritten to name it (big_vision
 and Composer do the same: "File operations are cheap to make atomic"). A folder
-that LATEST does not name, or that is newer than LATEST, does not exist for
-`restore`.
+newer than LATEST (or any folder, with no LATEST) does not exist for `restore`;
+older folders are its fallbacks, loaded only when complete and verified.
 
 Fencing, not locking: `claim` makes this trainer the owner of the workdir at
 once (the newest start always wins, nobody waits for a lease), and every LATEST
@@ -56,12 +56,11 @@ OWNER = "OWNER"
 FORMAT_VERSION = 1
 
 _ALIGN = 64  # Bytes; keeps every array aligned for a zero-copy np.frombuffer.
-# Every file is uploaded in one request (a GCS "simple" upload), shards of
-# about 64 MiB. Measured against fake-gcs-server for 300 MB: a streamed
-# resumable upload (64 MiB parts) 5.6 s, one simple upload 6.2 s, a local temp
-# file + put_file 7.2 s. But fake-gcs-server stops answering after about 100
-# resumable uploads per process (google-cloud-storage's too), which a test
-# session of kill/resume runs would reach; simple uploads do not count.
+# Every file is uploaded in one request (a GCS "simple" upload), the arrays
+# in shards of about 64 MiB, so no upload needs more than one shard's extra
+# host memory. Measured against fake-gcs-server for 300 MB in one object: a
+# streamed resumable upload (64 MiB parts) 5.6 s, one simple upload 6.2 s, a
+# local temp file + put_file 7.2 s; the shards' figures are in the benchmark.
 _SHARD_BYTES = 64 << 20
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 
@@ -293,7 +292,9 @@ class CheckpointManager:
         writes, confirms, commits LATEST and applies retention.
 
         Args:
-          step: the global step; must be beyond every step committed or restored.
+          step: the global step; must not be behind a step committed or
+            restored. The step saved or restored last is a no-op (after the
+            wait), so the preemption path can always call save(blocking=True).
           variables: {key: array}, or a function returning that (e.g.
             `lambda: snapshot_variables(model, optimizer)`).
           state: JSON-serializable loop state, returned by `restore` as is.
@@ -319,7 +320,11 @@ class CheckpointManager:
             (s for s in (self._floor, self._last_requested) if s is not None),
             default=None,
         )
-        if last is not None and step <= last:
+        if step == last:
+            # Already saved (or restored) at this step, e.g. a preemption right
+            # after a cadence save: the wait above made it durable.
+            return
+        if last is not None and step < last:
             raise CheckpointError(
                 f"cannot save step {step}: {self.directory} already has step {last} "
                 "and LATEST never moves backwards"
@@ -465,7 +470,7 @@ class CheckpointManager:
             storage.write_bytes(url, data)
         else:
             fs, path = storage.filesystem(url)
-            # gcsfs switches to a resumable upload at `chunksize`; see _SHARD_BYTES.
+            # gcsfs would switch to a resumable upload at `chunksize` (50 MiB).
             fs.pipe_file(path, data, chunksize=len(data) + 1)
         return {"size": len(data), "crc32c": google_crc32c.value(data)}
 

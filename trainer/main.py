@@ -151,6 +151,12 @@ def _is_bad_input(e: BaseException) -> bool:
     return last is not None and os.path.dirname(os.path.abspath(last)) == _PACKAGE_DIR
 
 
+def _is_fenced(e: BaseException) -> bool:
+    """Another trainer took the workdir over: this one must stop (exit 2)."""
+    checkpoint = sys.modules.get("trainer.checkpoint")
+    return checkpoint is not None and isinstance(e, checkpoint.FencedError)
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -166,7 +172,7 @@ def _entry(argv: list[str]) -> None:
             print(f"stopped ({e}) after a durable checkpoint: run the same command "
                   "again to resume", file=sys.stderr)
             code = EXIT_PREEMPTED
-        elif _is_bad_input(e):
+        elif _is_bad_input(e) or _is_fenced(e):
             print(f"error: {e}", file=sys.stderr)
             code = EXIT_BAD_INPUT
         else:

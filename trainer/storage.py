@@ -168,6 +168,7 @@ def write_bytes(url: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only.
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -176,6 +177,12 @@ def write_bytes(url: str, data: bytes) -> None:
         return
     fs, path = filesystem(url)
     fs.pipe_file(path, data)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(url: str, text: str) -> None:

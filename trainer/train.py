@@ -78,7 +78,7 @@ def run(
     rt = runtime.setup(spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed)
     _record_spec(spec, workdir, rt.is_chief)
     ckpt = checkpoint.CheckpointManager(
-        storage.join(workdir, "checkpoints"),
+        workdir,
         keep=spec.train.keep_checkpoints,
         monitor=spec.train.monitor,
         mode="max" if spec.train.monitor == "val_accuracy" else "min",
@@ -91,7 +91,9 @@ def run(
         _set_trainable(model, spec, phase)
     state, arrays = _restore(ckpt, spec, model)
     if arrays is not None and state.phase_index >= len(spec.phases):
-        checkpoint.assign_variables(model, None, arrays)  # Trained; not yet exported.
+        # Trained, but not yet exported: the model weights are all we need.
+        model_arrays = {k: v for k, v in arrays.items() if k.startswith("model/")}
+        checkpoint.assign_variables(model, None, model_arrays)
     watcher = preemption.PreemptionWatcher(
         deadline_seconds=deadline_seconds,
         budget_seconds=spec.train.preemption_budget_seconds,
@@ -112,6 +114,10 @@ def run(
             _plot(state.history, workdir)
             storage.write_json(storage.join(workdir, "summary.json"), summary)
         return summary
+    except tf.errors.OpError as e:
+        # Reader errors cross tf.data as OpErrors; give back the DataError
+        # (shard URL, offset, remedy) that caused one.
+        input_pipeline.reraise_data_error(e)
     except preemption.Preempted:
         if rt.is_chief:
             storage.write_json(
@@ -134,9 +140,10 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
         optimizer = _make_optimizer(spec.train.optimizer, phase.learning_rate, rt.precision)
         optimizer.build(model.trainable_variables)
     if arrays is not None:
-        checkpoint.assign_variables(
-            model, optimizer if state.optimizer_phase == state.phase_index else None, arrays
-        )
+        same_phase = state.optimizer_phase == state.phase_index
+        if not same_phase:  # Slots of another phase's optimizer: start fresh.
+            arrays = {k: v for k, v in arrays.items() if not k.startswith("optimizer/")}
+        checkpoint.assign_variables(model, optimizer if same_phase else None, arrays)
     state.optimizer_phase = state.phase_index
     steps = _phase_steps(spec, phase)
     counts = models.count_params(model)
@@ -379,13 +386,20 @@ def _jit_for(spec, phase, rt, state) -> bool:
 
 
 def _save(ckpt, model, optimizer, state, *, metric=None, blocking=False) -> None:
-    arrays = checkpoint.snapshot_variables(model, optimizer)
-    if optimizer is None:
-        state_opt = None
-    else:
-        state_opt = state.optimizer_phase
-    payload = dataclasses.asdict(state) | {"optimizer_phase": state_opt}
-    ckpt.save(state.global_step, arrays, payload, metric=metric, blocking=blocking)
+    """Checkpoints model (and the phase's optimizer) with the loop state.
+
+    The snapshot is a callable so the manager takes it only once the previous
+    upload is done: at most two copies of the state are ever in host memory.
+    """
+    payload = dataclasses.asdict(state)
+    payload["optimizer_phase"] = None if optimizer is None else state.optimizer_phase
+    ckpt.save(
+        state.global_step,
+        lambda: checkpoint.snapshot_variables(model, optimizer),
+        payload,
+        metric=metric,
+        blocking=blocking,
+    )
 
 
 def _restore(ckpt, spec, model) -> tuple[TrainState, dict | None]:
