@@ -27,7 +27,6 @@ flags.DEFINE_string("sample", None, "`convert`: a bundled sample data set (digit
 flags.DEFINE_string("out", None, "`convert`: output URL for the TFRecord shards.")
 flags.DEFINE_integer("shards", None, "`convert`: number of shards per split (default: by size, ~100 MB each).")
 flags.DEFINE_float("validation_fraction", 0.2, "`convert`: fraction held out as validation.")
-flags.DEFINE_integer("image_size_out", None, "`convert --images`: resize images to this square size.")
 flags.DEFINE_string("data", None, "`evaluate`: TFRecord URL glob (default: the job's validation data).")
 
 
@@ -115,9 +114,8 @@ def main(argv: list[str]) -> int:
                 out,
                 shards=FLAGS.shards,
                 validation_fraction=FLAGS.validation_fraction,
-                image_size=FLAGS.image_size_out,
             )
-        print(convert.describe(info))
+        print(convert.describe(info, out))
     elif command == "evaluate":
         from trainer import evaluate
 
