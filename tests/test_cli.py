@@ -85,3 +85,33 @@ def test_layers_shows_legacy_alias():
 
 def test_layers_unknown_backbone():
     assert_bad_input(trainer("layers", "--backbone=resnet5"), r"resnet5.*did you mean")
+
+
+def _write_images(root: pathlib.Path, classes=("cat", "dog"), per_class=3) -> None:
+    from PIL import Image
+
+    rng = __import__("numpy").random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (40, 48, 3), dtype="uint8")
+            Image.fromarray(pixels).save(root / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def test_convert_images_folder(tmp_path):
+    _write_images(tmp_path / "photos")
+    proc = trainer("convert", f"--images={tmp_path}/photos", f"--out={tmp_path}/out", "--shards=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = __import__("json").loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["class_names"] == ["cat", "dog"]
+    assert sum(s["records"] for s in manifest["splits"].values()) == 6
+    assert "2 classes" in proc.stdout
+
+
+def test_convert_needs_one_source(tmp_path):
+    assert_bad_input(trainer("convert", f"--out={tmp_path}/o"), r"exactly one of --images")
+
+
+def test_convert_missing_images_dir(tmp_path):
+    proc = trainer("convert", f"--images={tmp_path}/nope", f"--out={tmp_path}/o")
+    assert_bad_input(proc, r"nope")

@@ -60,6 +60,7 @@ def test_train_end_to_end_then_rerun_is_a_noop(digits, tmp_path):
     assert (run / "checkpoints" / "LATEST").exists()
     assert list((run / "logs").rglob("events.out.tfevents.*"))
     assert (run / "plots" / "training_curves.png").stat().st_size > 1000
+    assert (run / "plots" / "confusion_matrix.png").stat().st_size > 1000
     assert "phase 'finetune'" in proc.stdout and "trainable_from='res5a_branch2a'" in proc.stdout
 
     again = trainer("train", *job_args(digits, workdir))
@@ -86,6 +87,21 @@ def test_exported_model_loads_in_safe_mode(digits, tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "accuracy" in ev.stdout
 
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digit = load_digits().images[0]  # a zero
+    png = tmp_path / "zero.png"
+    big = np.kron(digit * 255 / 16, np.ones((4, 4))).astype("uint8")
+    Image.fromarray(np.stack([big] * 3, axis=-1)).save(png)
+    pred = trainer("predict", f"--workdir={workdir}", str(png))
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    name, prob = pred.stdout.strip().splitlines()[-1].split("\t")[1:]
+    assert name in [str(i) for i in range(10)] and 0.0 <= float(prob) <= 1.0
+
+    missing = trainer("predict", f"--workdir={workdir}", str(tmp_path / "none.png"))
+    assert_bad_input(missing, r"image not found: .*none.png")
+
 
 def test_check_leaves_no_checkpoint(digits, tmp_path):
     workdir = tmp_path / "run"
@@ -111,3 +127,25 @@ def test_unknown_layer_name(digits, tmp_path):
     )
     assert_bad_input(proc, r"res5a_brnch2a")
     assert "res5a_branch2a" in proc.stderr
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(digits, tmp_path):
+    """The same loop under MirroredStrategy (2 logical CPU devices, 2 replicas)."""
+    workdir = tmp_path / "run"
+    proc = trainer(
+        "train",
+        *job_args(
+            digits,
+            str(workdir),
+            "--set=runtime.strategy=mirrored",
+            "--set=phases.transfer.epochs=1",
+            "--set=phases.transfer.steps_per_epoch=3",
+            "--set=phases.finetune.steps_per_epoch=1",
+        ),
+        env={"TRAINER_CPU_DEVICES": "2"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "mirrored x2" in proc.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 4

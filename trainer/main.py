@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-COMMANDS = ("train", "check", "layers", "convert", "evaluate", "predict")
+COMMANDS = ("train", "check", "layers", "convert", "evaluate", "predict", "submit")
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
 
@@ -28,6 +28,28 @@ flags.DEFINE_string("out", None, "`convert`: output URL for the TFRecord shards.
 flags.DEFINE_integer("shards", None, "`convert`: number of shards per split (default: by size, ~100 MB each).")
 flags.DEFINE_float("validation_fraction", 0.2, "`convert`: fraction held out as validation.")
 flags.DEFINE_string("data", None, "`evaluate`: TFRecord URL glob (default: the job's validation data).")
+flags.DEFINE_string("target", None, "`submit`: where to run the job: vertex | gce | kaggle | colab.")
+flags.DEFINE_bool("dry_run", False, "`submit`: write and print the artifacts and the command; upload and run nothing.")
+flags.DEFINE_string("out_dir", None, "`submit`: folder for the rendered artifacts (default: a new temp folder).")
+flags.DEFINE_string("package", None, "`submit` (gce, kaggle, colab): pip requirement of trainer, e.g. 'trainer @ git+https://github.com/OWNER/REPO@main' (default: $TRAINER_PACKAGE).")
+flags.DEFINE_string("region", None, "`submit --target=vertex`: Vertex AI region (default us-central1).")
+flags.DEFINE_string("image_uri", None, "`submit --target=vertex`: the container image built from deploy/docker/Dockerfile.")
+flags.DEFINE_string("machine_type", None, "`submit` (vertex, gce): machine type (default n1-standard-8 / e2-standard-8).")
+flags.DEFINE_string("accelerator_type", None, "`submit`: GPU type; vertex NVIDIA_TESLA_T4, gce nvidia-tesla-t4, ...")
+flags.DEFINE_integer("accelerator_count", None, "`submit` (vertex, gce): GPUs per machine (default 1 with --accelerator_type).")
+flags.DEFINE_string("timeout", None, "`submit --target=vertex`: maximum running time, e.g. 24h (Vertex's default: 7 days).")
+flags.DEFINE_string("max_wait", None, "`submit --target=vertex`: maximum time to wait for resources, e.g. 2h.")
+flags.DEFINE_string("service_account", None, "`submit --target=vertex`: service account the job runs as.")
+flags.DEFINE_string("zone", None, "`submit --target=gce`: zone of the spot VM (default us-central1-a).")
+flags.DEFINE_string("vm_name", None, "`submit --target=gce`: VM name (default: <job name>-vm).")
+flags.DEFINE_string("image_family", None, "`submit --target=gce`: boot image family (default debian-12).")
+flags.DEFINE_string("image_project", None, "`submit --target=gce`: boot image project (default debian-cloud).")
+flags.DEFINE_string("boot_disk_size", None, "`submit --target=gce`: boot disk size (default 50GB).")
+flags.DEFINE_string("on_done", None, "`submit --target=gce`: delete | stop, what the VM does once the run completed (default delete).")
+flags.DEFINE_string("kernel_id", None, "`submit --target=kaggle`: OWNER/SLUG (default: $KAGGLE_USERNAME/<job name>).")
+flags.DEFINE_string("accelerator", None, "`submit` (kaggle, colab): the session's accelerator: none | gpu | tpu (default none).")
+flags.DEFINE_multi_string("dataset_sources", None, "`submit --target=kaggle`: a Kaggle dataset to attach, OWNER/SLUG (repeatable).")
+flags.DEFINE_string("gcs_secret", None, "`submit --target=kaggle`: Kaggle secret holding a service-account JSON key, for a gs:// workdir.")
 
 
 def _usage() -> str:
@@ -39,6 +61,7 @@ def _usage() -> str:
         "  convert  (--images=DIR | --sample=digits) --out=URL [--shards=N] [--validation_fraction=F]\n"
         "  evaluate --workdir=URL [--data=GLOB]\n"
         "  predict  --workdir=URL FILE_OR_URL ...\n"
+        "  submit   --target=vertex|gce|kaggle|colab --job=JOB.toml --workdir=gs://... [--dry_run]\n"
         "run `trainer --helpfull` for every flag"
     )
 
@@ -126,6 +149,23 @@ def main(argv: list[str]) -> int:
         if not rest:
             raise UsageError("predict needs at least one image file or URL")
         evaluate.predict(_workdir(), rest)
+    elif command == "submit":
+        from trainer import submit
+
+        options = {
+            name: getattr(FLAGS, name)
+            for name in submit.FLAG_OPTIONS
+            if getattr(FLAGS, name) is not None
+        }
+        submit.submit(
+            _require("target"),
+            _require("job"),
+            _require("workdir"),
+            dry_run=FLAGS.dry_run,
+            overrides=FLAGS.set,
+            deadline=FLAGS.deadline or "",
+            **options,
+        )
     return 0
 
 

@@ -22,6 +22,7 @@ from trainer import checkpoint, config, input_pipeline, models, preemption, runt
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
+_first_step_done: list[float] = []  # Time of this process's first training step.
 
 
 class SpecChangedError(ValueError):
@@ -44,6 +45,7 @@ class TrainState:
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     optimizer_phase: int | None = None  # phase the saved optimizer slots belong to
+    confusion: list[list[float]] = dataclasses.field(default_factory=list)  # last validation
     runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
     shape_hash: str = ""
 
@@ -112,7 +114,9 @@ def run(
         if rt.is_chief:
             _export(model, workdir)
             _plot(state.history, workdir)
+            _plot_confusion(state.confusion, spec, workdir)
             storage.write_json(storage.join(workdir, "summary.json"), summary)
+        _print_final(summary, spec, workdir)
         return summary
     except tf.errors.OpError as e:
         # Reader errors cross tf.data as OpErrors; give back the DataError
@@ -161,7 +165,7 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
         dataset = rt.strategy.distribute_datasets_from_function(
             lambda ctx, k=epoch_key, s=state.step: input_pipeline.train_dataset(
                 spec, epoch=k, start_step=s, input_context=ctx
-            ).take(steps - s)
+            ).take((steps - s) * _local_replicas(ctx))
         )
         iterator = iter(dataset)
         print(f"{phase.name} epoch {state.epoch + 1}/{phase.epochs}")
@@ -169,7 +173,21 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
         bar.update(state.step)
         while state.step < steps:
             n = min(spec.train.steps_per_execution, steps - state.step, every - state.global_step % every)
-            sums = _numpy(step_fn(iterator, tf.constant(n)))
+            try:
+                sums = _numpy(step_fn(iterator, tf.constant(n)))
+            except tf.errors.OutOfRangeError:
+                if spec.data.on_corrupt != "skip":
+                    raise
+                # With data.on_corrupt = "skip", undecodable images are dropped
+                # inside tf.data, so the epoch can be short of batches.
+                log.warning("epoch ended %d steps early: records were skipped", steps - state.step)
+                print(f"\nwarning: epoch ended after {state.step} of {steps} steps "
+                      "(corrupt records skipped; see summary.json corrupt_records)")
+                break
+            if not _first_step_done:  # benchmarks/resume.py reads this line.
+                _first_step_done.append(time.time())
+                print(f"first step done after {time.time() - preemption.process_start_time():.1f}s "
+                      f"(global step {state.global_step + n})")
             _accumulate(state.train_sums, sums)
             state.step += n
             state.global_step += n
@@ -196,7 +214,13 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
         }
         print(" - ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in record.items()))
         state.history.append(record)
+        state.confusion = np.asarray(val["confusion"]).tolist()
         logs.write(record, state.global_step, val.get("confusion"))
+        if rt.is_chief:  # Progress a user (or a dashboard) can poll.
+            storage.write_json(
+                storage.join(logs.workdir, "summary.json"),
+                _summary(spec, state, "running", ckpt, record),
+            )
         stop_early = _update_best(spec, state, record[spec.train.monitor])
         state.epoch += 1
         state.step = 0
@@ -369,6 +393,11 @@ def _phase_steps(spec, phase) -> int:
     return steps
 
 
+def _local_replicas(ctx) -> int:
+    """Replicas fed by one input pipeline: each takes one element per step."""
+    return ctx.num_replicas_in_sync // ctx.num_input_pipelines
+
+
 def _epoch_key(spec, state) -> int:
     """A global epoch number: distinct shuffles for every epoch of every phase."""
     return sum(p.epochs for p in spec.phases[: state.phase_index]) + state.epoch
@@ -450,9 +479,17 @@ def _diff(a, b, prefix="") -> dict[str, tuple[Any, Any]]:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             out |= _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif _named_list(a) and _named_list(b) and [x["name"] for x in a] == [x["name"] for x in b]:
+        # Phases: name the changed field, e.g. phases.transfer.learning_rate.
+        for x, y in zip(a, b):
+            out |= _diff(x, y, f"{prefix}{x['name']}.")
     elif a != b:
         out[prefix.rstrip(".")] = (a, b)
     return out
+
+
+def _named_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(x, dict) and "name" in x for x in value)
 
 
 def _completed_summary(workdir: str) -> dict | None:
@@ -485,6 +522,18 @@ def _metadata_url(spec, override, platform) -> str | None:
     return url or None
 
 
+def _print_final(summary: dict[str, Any], spec, workdir: str) -> None:
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float))
+    best = summary["best"]
+    note = ""
+    if best.get(spec.train.monitor) is not None:
+        note = f" (best {spec.train.monitor} {best[spec.train.monitor]:.4f} at step {best['global_step']})"
+    print(
+        f"completed {spec.name} at step {summary['global_step']}: {metrics}{note}\n"
+        f"model: {storage.join(workdir, 'export', 'model.keras')}"
+    )
+
+
 def _summary(spec, state, status, ckpt, metrics) -> dict[str, Any]:
     phase = spec.phases[min(state.phase_index, len(spec.phases) - 1)]
     return {
@@ -512,6 +561,7 @@ class _Logs:
     """
 
     def __init__(self, workdir: str, enabled: bool):
+        self.workdir = workdir
         self.url = storage.join(workdir, "logs")
         self.enabled = enabled
         self.local = tempfile.mkdtemp(prefix="trainer-logs-")
@@ -539,6 +589,37 @@ def _export(model, workdir: str) -> None:
         path = os.path.join(tmp, "model.keras")
         model.save(path)
         storage.put(path, storage.join(workdir, "export", "model.keras"))
+
+
+def _plot_confusion(confusion: list[list[float]], spec, workdir: str) -> None:
+    """The last validation's confusion matrix (rows: true class) as PNG."""
+    if not confusion:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(confusion, dtype=np.int64)
+    n = matrix.shape[0]
+    names = list(spec.data.class_names) or [str(i) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(n), names, rotation=90 if n > 12 else 0)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(f"validation, accuracy {accuracy:.3f}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(storage.join(workdir, "plots", "confusion_matrix.png"), buf.getvalue())
 
 
 def _plot(history: list[dict[str, Any]], workdir: str) -> None:
@@ -615,7 +696,9 @@ def check(spec: config.JobSpec, workdir: str, *, dry_run_steps: int = 2) -> dict
             optimizer.build(model.trainable_variables)
         slot_bytes = sum(int(np.prod(v.shape)) * 4 for v in optimizer.variables)
         dataset = rt.strategy.distribute_datasets_from_function(
-            lambda ctx: input_pipeline.train_dataset(tiny, epoch=0, input_context=ctx).take(dry_run_steps)
+            lambda ctx: input_pipeline.train_dataset(tiny, epoch=0, input_context=ctx).take(
+                dry_run_steps * _local_replicas(ctx)
+            )
         )
         start = time.perf_counter()
         sums = _numpy(_make_train_step(model, optimizer, tiny, rt, jit)(iter(dataset), tf.constant(dry_run_steps)))

@@ -1,0 +1,446 @@
+"""Preemption and exact resume, end to end (issue 4).
+
+Every run is a real `python -m trainer train` subprocess with its workdir in a
+fake-gcs-server bucket on 127.0.0.1; each start gets a fresh HOME and TMPDIR,
+as a fresh machine would. The model is a small MobileNetV2 on a slice of the
+real digits so the whole file stays within a few minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_cli import ROOT
+
+pytestmark = pytest.mark.slow
+
+# transfer: 2 epochs x 3 steps, finetune: 1 epoch x 4 steps = 10 steps,
+# a checkpoint every 2 steps and at each epoch and phase boundary.
+TOTAL_STEPS = 2 * 3 + 4
+FINETUNE_STEPS = 4
+SMALL = [
+    "model.backbone=mobilenetv2",
+    "model.dense=[32]",
+    "phases.finetune.trainable_from=block_16_expand",
+    "train.global_batch_size=8",
+    "train.checkpoint_every_steps=2",
+    "train.deterministic=true",
+    "phases.transfer.epochs=2",
+    "phases.transfer.learning_rate=0.001",
+    "phases.transfer.steps_per_epoch=3",
+    "phases.finetune.epochs=1",
+    "phases.finetune.steps_per_epoch=4",
+    "phases.finetune.jit_compile=false",
+]
+
+
+def train_args(digits_dir: str, workdir: str, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--job=jobs/digits.toml",
+        f"--workdir={workdir}",
+        f"--set=data.train={digits_dir}/train-*.tfrecord",
+        # One validation shard: evaluation is not what these tests are about.
+        f"--set=data.validation={digits_dir}/validation-00000-of-00007.tfrecord",
+        *(f"--set={s}" for s in SMALL),
+        *extra,
+    ]
+
+
+class Run:
+    """One `trainer train` process on a fresh "machine" (HOME, TMPDIR)."""
+
+    def __init__(self, args: list[str], scratch: str):
+        self.machine = tempfile.mkdtemp(prefix="machine-", dir=scratch)
+        home, tmp = os.path.join(self.machine, "home"), os.path.join(self.machine, "tmp")
+        os.makedirs(home)
+        os.makedirs(tmp)
+        env = dict(
+            os.environ, HOME=home, TMPDIR=tmp, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1"
+        )
+        self.out_path = os.path.join(self.machine, "out.txt")
+        self.err_path = os.path.join(self.machine, "err.txt")
+        self._out = open(self.out_path, "w")
+        self._err = open(self.err_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._out,
+            stderr=self._err,
+        )
+
+    @property
+    def stdout(self) -> str:
+        with open(self.out_path) as f:
+            return f.read()
+
+    @property
+    def stderr(self) -> str:
+        with open(self.err_path) as f:
+            return f.read()
+
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float = 240) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._out.close()
+            self._err.close()
+
+    def kill(self, signum=signal.SIGKILL) -> None:
+        if self.running():
+            self.proc.send_signal(signum)
+
+    def describe(self) -> str:
+        return f"exit {self.proc.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-4000:]}"
+
+
+def run_to_end(args, scratch, timeout=240) -> Run:
+    run = Run(args, scratch)
+    run.wait(timeout)
+    return run
+
+
+class Bucket:
+    """Direct, uncached access to the emulator bucket (google-cloud-storage)."""
+
+    def __init__(self, url: str):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage as gcs
+
+        assert url.startswith("gs://")
+        self.name = url[len("gs://"):].split("/", 1)[0]
+        self.client = gcs.Client(project="test", credentials=AnonymousCredentials())
+        self.bucket = self.client.bucket(self.name)
+
+    def read(self, path: str) -> bytes | None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return self.bucket.blob(path).download_as_bytes()
+        except NotFound:
+            return None
+
+    def latest(self, workdir_path: str) -> int | None:
+        text = self.read(f"{workdir_path}checkpoints/LATEST")
+        if not text or not text.strip():
+            return None
+        return int(text.decode().strip().split("-")[1])
+
+    def folders(self, workdir_path: str) -> set[int]:
+        prefix = f"{workdir_path}checkpoints/"
+        steps = set()
+        for blob in self.client.list_blobs(self.name, prefix=prefix):
+            m = re.match(r"ckpt-(\d+)/", blob.name[len(prefix):])
+            if m:
+                steps.add(int(m.group(1)))
+        return steps
+
+    def delete_prefix(self, prefix: str) -> int:
+        blobs = list(self.client.list_blobs(self.name, prefix=prefix))
+        for blob in blobs:
+            blob.delete()
+        return len(blobs)
+
+
+def wait_for(predicate, run: Run | None, timeout: float = 120, interval: float = 0.05):
+    """Polls `predicate` until truthy; fails if `run` exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        if run is not None and not run.running():
+            pytest.fail(f"the trainer exited before the awaited moment: {run.describe()}")
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s" + (f": {run.describe()}" if run else ""))
+
+
+def workdir_in(bucket_url: str, name: str) -> tuple[str, str]:
+    """(URL, object prefix) of a workdir inside the bucket."""
+    return f"{bucket_url}/{name}", f"{name}/"
+
+
+def summary(bucket: Bucket, prefix: str) -> dict:
+    return json.loads(bucket.read(f"{prefix}summary.json"))
+
+
+def state_of(bucket: Bucket, prefix: str, step: int) -> dict:
+    return json.loads(bucket.read(f"{prefix}checkpoints/ckpt-{step:09d}/state.json"))
+
+
+def load_export(bucket: Bucket, prefix: str, scratch: str):
+    import keras
+
+    import trainer  # noqa: F401  (registers the custom objects)
+
+    path = os.path.join(tempfile.mkdtemp(dir=scratch), "model.keras")
+    with open(path, "wb") as f:
+        f.write(bucket.read(f"{prefix}export/model.keras"))
+    return keras.saving.load_model(path)
+
+
+# ---------------------------------------------------------------------------
+# 1. kill -9 at random moments, resume on a fresh machine: bit for bit
+
+
+def test_kill_9_and_resume_is_bit_exact(gcs_bucket, digits_dir, tmp_path):
+    from trainer import checkpoint
+
+    bucket = Bucket(gcs_bucket)
+    scratch = str(tmp_path)
+    url_a, pa = workdir_in(gcs_bucket, "a")
+    url_b, pb = workdir_in(gcs_bucket, "b")
+
+    ref = run_to_end(train_args(digits_dir, url_a), scratch)
+    assert ref.proc.returncode == 0, ref.describe()
+
+    rng = random.Random(20261127)
+    kills = []
+
+    def after_first_commit(run):  # A random moment once LATEST exists.
+        wait_for(lambda: bucket.latest(pb) is not None, run)
+        time.sleep(rng.uniform(0.0, 1.5))
+
+    def during_upload(run):  # A folder newer than LATEST: an upload in flight.
+        floor = bucket.latest(pb) or 0
+
+        def uploading():
+            latest = bucket.latest(pb) or 0
+            return any(s > max(latest, floor) for s in bucket.folders(pb))
+
+        wait_for(uploading, run)
+
+    def mid_finetune(run):  # The next start resumes with restored Adam slots.
+        wait_for(lambda: (bucket.latest(pb) or 0) >= TOTAL_STEPS - 2, run)
+        time.sleep(rng.uniform(0.0, 0.2))
+
+    moments = [after_first_commit, during_upload, mid_finetune]
+    for moment in moments:
+        run = Run(train_args(digits_dir, url_b), scratch)
+        moment(run)
+        step_before = bucket.latest(pb)
+        run.kill(signal.SIGKILL)
+        code = run.wait()
+        kills.append((moment.__name__, step_before, code))
+        if code == 0:  # Finished before the kill landed: nothing left to resume.
+            break
+        assert code == -signal.SIGKILL, run.describe()
+    for _ in range(3):
+        run = run_to_end(train_args(digits_dir, url_b), scratch)
+        if run.proc.returncode == 0:
+            break
+    assert run.proc.returncode == 0, run.describe()
+    print("kills (moment, LATEST step before the kill, exit code):", kills)
+    # At least two of the kills interrupted a run that had something to resume.
+    assert sum(1 for _, step, code in kills if code == -signal.SIGKILL and step is not None) >= 2, kills
+
+    sa, sb = summary(bucket, pa), summary(bucket, pb)
+    assert sa["status"] == sb["status"] == "completed"
+    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
+    # Metrics too: the resumed epochs' partial sums were restored exactly.
+    assert sa["history"] == sb["history"]
+
+    # The exported models, weight for weight.
+    ma, mb = load_export(bucket, pa, scratch), load_export(bucket, pb, scratch)
+    assert len(ma.weights) == len(mb.weights) > 0
+    for wa, wb in zip(ma.weights, mb.weights):
+        assert wa.path == wb.path
+        assert np.array_equal(np.asarray(wa), np.asarray(wb)), f"{wa.path} differs after resume"
+
+    # The final checkpoints, array for array (model, BatchNorm statistics, seeds).
+    arrays_a, state_a = checkpoint.CheckpointManager(url_a, is_chief=False).restore()
+    arrays_b, state_b = checkpoint.CheckpointManager(url_b, is_chief=False).restore()
+    assert state_a["global_step"] == state_b["global_step"] == TOTAL_STEPS
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for key in arrays_a:
+        assert np.array_equal(arrays_a[key], arrays_b[key]), f"{key} differs after resume"
+
+    # Optimizer steps: the last checkpoint holding the finetune optimizer has
+    # taken exactly as many steps as the uninterrupted run.
+    last_mid = TOTAL_STEPS - 2  # finetune step 2 of 4
+    ga, _ = checkpoint.CheckpointManager(url_a, is_chief=False)._load(last_mid)
+    gb, _ = checkpoint.CheckpointManager(url_b, is_chief=False)._load(last_mid)
+    iterations = [k for k in ga if k == "optimizer/iteration"]
+    assert iterations, sorted(k for k in ga if k.startswith("optimizer/"))[:10]
+    for key in iterations:
+        assert int(ga[key]) == int(gb[key]) == last_mid - (TOTAL_STEPS - FINETUNE_STEPS)
+    for key in ga:
+        assert np.array_equal(ga[key], gb[key]), f"{key} differs at step {last_mid}"
+
+
+# ---------------------------------------------------------------------------
+# 2. SIGTERM: a checkpoint at the current step within the budget, exit 75
+
+
+def _preempt_with_sigterm(bucket, prefix, args, scratch, *, min_latest=1):
+    run = Run(args, scratch)
+    wait_for(lambda: (bucket.latest(prefix) or 0) >= min_latest, run)
+    time.sleep(0.3)  # Mid-epoch, past the commit.
+    sent = time.monotonic()
+    run.kill(signal.SIGTERM)
+    code = run.wait()
+    return run, code, time.monotonic() - sent
+
+
+def test_sigterm_saves_current_step_and_exits_75(gcs_bucket, digits_dir, tmp_path):
+    bucket = Bucket(gcs_bucket)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    args = train_args(digits_dir, url)
+    run, code, seconds = _preempt_with_sigterm(bucket, prefix, args, str(tmp_path))
+    assert code == 75, run.describe()
+    assert seconds < 25, f"exit {seconds:.1f}s after SIGTERM; the budget is 25s"
+    assert "SIGTERM" in run.output() and "run the same command again" in run.stderr
+    s = summary(bucket, prefix)
+    assert s["status"] == "preempted"
+    assert 0 < s["global_step"] < TOTAL_STEPS
+    latest = bucket.latest(prefix)
+    assert latest == s["global_step"] == s["last_durable_step"]
+    assert state_of(bucket, prefix, latest)["global_step"] == s["global_step"]
+
+    again = run_to_end(args, str(tmp_path))
+    assert again.proc.returncode == 0, again.describe()
+    assert f"resuming from step {latest}" in again.stdout
+    s = summary(bucket, prefix)
+    assert s["status"] == "completed" and s["global_step"] == TOTAL_STEPS
+
+
+# ---------------------------------------------------------------------------
+# 3. A corrupt or missing newest checkpoint: warn, name the lost step, fall back
+
+
+def test_corrupt_newest_checkpoint_falls_back(gcs_bucket, digits_dir, tmp_path):
+    bucket = Bucket(gcs_bucket)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    args = train_args(digits_dir, url)
+    run, code, _ = _preempt_with_sigterm(bucket, prefix, args, str(tmp_path), min_latest=4)
+    assert code == 75, run.describe()
+    newest = bucket.latest(prefix)
+    older = sorted(s for s in bucket.folders(prefix) if s < newest)
+    assert older, (newest, bucket.folders(prefix))
+
+    # Flip one byte of the newest checkpoint's array data.
+    blob = bucket.bucket.blob(f"{prefix}checkpoints/ckpt-{newest:09d}/arrays-00000.bin")
+    data = bytearray(blob.download_as_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.upload_from_string(bytes(data))
+
+    again = run_to_end(args, str(tmp_path))
+    assert again.proc.returncode == 0, again.describe()
+    out = again.output()
+    assert re.search(rf"checkpoint step {newest} .*CRC32C", out), out[-4000:]
+    assert f"restored step {older[-1]} instead of step {newest}" in out, out[-4000:]
+    assert f"resuming from step {older[-1]}" in again.stdout
+    assert summary(bucket, prefix)["global_step"] == TOTAL_STEPS
+
+
+def test_deleted_latest_target_falls_back(gcs_bucket, digits_dir, tmp_path):
+    bucket = Bucket(gcs_bucket)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    args = train_args(digits_dir, url)
+    run, code, _ = _preempt_with_sigterm(bucket, prefix, args, str(tmp_path), min_latest=4)
+    assert code == 75, run.describe()
+    newest = bucket.latest(prefix)
+    older = sorted(s for s in bucket.folders(prefix) if s < newest)
+    assert older
+    assert bucket.delete_prefix(f"{prefix}checkpoints/ckpt-{newest:09d}/") > 0
+
+    again = run_to_end(args, str(tmp_path))
+    assert again.proc.returncode == 0, again.describe()
+    out = again.output()
+    assert re.search(rf"checkpoint step {newest} .*missing", out), out[-4000:]
+    assert f"restored step {older[-1]} instead of step {newest}" in out, out[-4000:]
+    assert summary(bucket, prefix)["global_step"] == TOTAL_STEPS
+
+
+# ---------------------------------------------------------------------------
+# 4. Two trainers on one workdir: the newer wins, the stale one exits 2
+
+
+def test_two_trainers_newer_wins_latest_only_moves_forward(gcs_bucket, digits_dir, tmp_path):
+    bucket = Bucket(gcs_bucket)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    args = train_args(digits_dir, url)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch_latest():
+        while not stop.is_set():
+            step = bucket.latest(prefix)
+            if step is not None and (not seen or seen[-1] != step):
+                seen.append(step)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch_latest, daemon=True)
+    watcher.start()
+    try:
+        first = Run(args, str(tmp_path))
+        wait_for(lambda: bucket.latest(prefix) is not None, first)
+        # The old machine stalls (a VM still flushing, a Colab kernel left
+        # behind) while the new one claims the workdir and resumes.
+        first.proc.send_signal(signal.SIGSTOP)
+        second = Run(args, str(tmp_path))
+        wait_for(lambda: "resuming from step" in second.stdout, second)
+        first.proc.send_signal(signal.SIGCONT)
+        code1 = first.wait()
+        code2 = second.wait()
+    finally:
+        stop.set()
+        watcher.join()
+    assert code1 == 2, first.describe()
+    assert "taken over by another trainer" in first.stderr
+    assert f"pid {second.proc.pid}" in first.stderr, first.stderr[-2000:]
+    assert "Traceback" not in first.stderr
+    assert code2 == 0, second.describe()
+    assert seen == sorted(seen) and len(seen) == len(set(seen)), seen
+    assert seen[-1] == TOTAL_STEPS
+    assert summary(bucket, prefix)["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------
+# 5 + 6. --deadline stops with a checkpoint; a shape change is refused on
+# resume, a learning-rate change accepted
+
+
+def test_deadline_then_spec_change_on_resume(gcs_bucket, digits_dir, tmp_path):
+    bucket = Bucket(gcs_bucket)
+    scratch = str(tmp_path)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    # The deadline less the 25 s save budget has passed by the first step.
+    run = run_to_end(train_args(digits_dir, url, "--deadline=26s"), scratch)
+    assert run.proc.returncode == 75, run.describe()
+    assert "deadline" in run.output()
+    s = summary(bucket, prefix)
+    assert s["status"] == "preempted" and 0 < s["global_step"] < TOTAL_STEPS
+    assert bucket.latest(prefix) == s["global_step"]
+
+    refused = run_to_end(train_args(digits_dir, url, "--set=model.dense=[64]"), scratch)
+    assert refused.proc.returncode == 2, refused.describe()
+    assert "model.dense: was [32], now [64]" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    assert bucket.latest(prefix) == s["global_step"]  # Nothing moved.
+
+    lr = run_to_end(train_args(digits_dir, url, "--set=phases.transfer.learning_rate=0.002"), scratch)
+    assert lr.proc.returncode == 0, lr.describe()
+    assert re.search(r"note: spec changed .*learning_rate.*0\.001 -> 0\.002", lr.stdout), lr.stdout[-2000:]
+    assert f"resuming from step {s['global_step']}" in lr.stdout
+    s = summary(bucket, prefix)
+    assert s["status"] == "completed" and s["global_step"] == TOTAL_STEPS

@@ -1,0 +1,738 @@
+"""`trainer submit`: what each target renders, validates and runs.
+
+Cloud CLIs are not here, so the launching commands are stand-in scripts on
+PATH that record their argv; Cloud Storage is the GCS emulator; the GCE
+startup script runs for real in bash against a loopback metadata server.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import threading
+
+import pytest
+
+from trainer import config, submit
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+JOB = str(ROOT / "jobs" / "digits.toml")
+PACKAGE = "trainer @ git+https://github.com/OWNER/REPO@main"
+GCS_DATA = [
+    "data.train=gs://bucket/digits/train-*.tfrecord",
+    "data.validation=gs://bucket/digits/validation-*.tfrecord",
+]
+OPTIONS = {
+    "vertex": {"image_uri": "us-docker.pkg.dev/p/r/trainer:1"},
+    "gce": {"package": PACKAGE},
+    "kaggle": {"package": PACKAGE, "kernel_id": "me/digits-resnet50"},
+    "colab": {"package": PACKAGE},
+}
+
+
+def dry_run(target, tmp_path, workdir="gs://bucket/runs/r1", **options):
+    opts = {"overrides": GCS_DATA, "out_dir": str(tmp_path / target), **OPTIONS[target]}
+    opts.update(options)
+    return submit.submit(target, JOB, workdir, dry_run=True, **opts)
+
+
+def fake_tool(bin_dir: pathlib.Path, name: str, exit_code: int = 0) -> pathlib.Path:
+    """A stand-in CLI that appends its argv (one JSON list a line) to NAME.log."""
+    log = bin_dir / f"{name}.log"
+    script = bin_dir / name
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        f"python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {log}\n"
+        f"exit {exit_code}\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return log
+
+
+def calls(log: pathlib.Path) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------
+# Dry runs: valid artifacts for every target, nothing touched
+
+
+def test_vertex_custom_job_is_a_spot_job_that_derives_its_workdir(tmp_path, capsys):
+    result = dry_run(
+        "vertex", tmp_path, timeout="24h", accelerator_type="NVIDIA_TESLA_T4"
+    )
+    with open(result["files"]["custom_job.json"]) as f:
+        custom_job = json.load(f)
+    with open(result["files"]["custom_job_spec.json"]) as f:
+        job_spec = json.load(f)
+    assert custom_job["jobSpec"] == job_spec
+    assert custom_job["displayName"] == "digits-resnet50"
+    assert job_spec["scheduling"] == {
+        "strategy": "SPOT",
+        "restartJobOnWorkerRestart": True,
+        "timeout": "86400s",
+    }
+    assert job_spec["baseOutputDirectory"] == {"outputUriPrefix": "gs://bucket/runs/r1"}
+    (pool,) = job_spec["workerPoolSpecs"]
+    assert pool["replicaCount"] == 1
+    assert pool["machineSpec"] == {
+        "machineType": "n1-standard-8",
+        "acceleratorType": "NVIDIA_TESLA_T4",
+        "acceleratorCount": 1,
+    }
+    container = pool["containerSpec"]
+    assert container["imageUri"] == "us-docker.pkg.dev/p/r/trainer:1"
+    args = container["args"]
+    # No --workdir: `trainer train` takes AIP_CHECKPOINT_DIR's parent, which
+    # Vertex derives from baseOutputDirectory.
+    assert args[:2] == ["train", "--job=gs://bucket/runs/r1/job.toml"]
+    assert not any(a.startswith("--workdir") for a in args)
+    assert [a for a in args if a.startswith("--set=")] == [
+        f"--set={s}" for s in GCS_DATA
+    ]
+    assert result["upload"] == (
+        str(tmp_path / "vertex" / "job.toml"),
+        "gs://bucket/runs/r1/job.toml",
+    )
+    assert result["command"] == [
+        "gcloud", "ai", "custom-jobs", "create",
+        "--region=us-central1",
+        "--display-name=digits-resnet50",
+        f"--config={result['files']['custom_job_spec.json']}",
+    ]  # fmt: skip
+    out = capsys.readouterr().out
+    assert '"strategy": "SPOT"' in out
+    assert "would upload" in out and "would run: gcloud ai custom-jobs create" in out
+
+
+_DECODE = """
+import json, sys
+from apitools.base.py import encoding
+from googlecloudsdk.generated_clients.apis.aiplatform.v1 import aiplatform_v1_messages as m
+
+def unknown(msg, path):
+    bad = [f"{path}.{k}" for k in msg.all_unrecognized_fields()]
+    for field in msg.all_fields():
+        value = getattr(msg, field.name)
+        for v in value if isinstance(value, list) else [value]:
+            if hasattr(v, "all_unrecognized_fields"):
+                bad += unknown(v, f"{path}.{field.name}")
+    return bad
+
+for path, cls in [(sys.argv[1], m.GoogleCloudAiplatformV1CustomJobSpec),
+                  (sys.argv[2], m.GoogleCloudAiplatformV1CustomJob)]:
+    msg = encoding.DictToMessage(json.load(open(path)), cls)
+    print(json.dumps(unknown(msg, cls.__name__)))
+"""
+
+
+def _gcloud_sdk():
+    """(bundled python, sys.path entries) of an installed Google Cloud SDK, or None."""
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        return None
+    root = pathlib.Path(os.path.realpath(gcloud)).parents[1]
+    python = root / "platform" / "bundledpythonunix" / "bin" / "python3"
+    messages = (
+        root
+        / "lib"
+        / "googlecloudsdk"
+        / "generated_clients"
+        / "apis"
+        / "aiplatform"
+        / "v1"
+    )
+    if not python.exists() or not messages.exists():
+        return None
+    return str(python), [str(root / "lib"), str(root / "lib" / "third_party")]
+
+
+def test_vertex_spec_decodes_with_gclouds_own_api_messages(tmp_path):
+    # gcloud's --config is decoded into these apitools classes; an unknown or
+    # misspelt field would show up as unrecognized here.
+    sdk = _gcloud_sdk()
+    if sdk is None:
+        pytest.skip(
+            "the Google Cloud SDK (gcloud, with its bundled Python) is not installed"
+        )
+    python, path = sdk
+    result = dry_run(
+        "vertex",
+        tmp_path,
+        timeout="24h",
+        max_wait="2h",
+        accelerator_type="NVIDIA_TESLA_T4",
+    )
+    proc = subprocess.run(
+        [
+            python,
+            "-c",
+            _DECODE,
+            result["files"]["custom_job_spec.json"],
+            result["files"]["custom_job.json"],
+        ],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [[], []]
+
+
+def test_vertex_job_already_in_cloud_storage_is_used_as_is(tmp_path, monkeypatch):
+    # A job URL is read where it is (here via memory://), never re-uploaded.
+    import fsspec
+
+    with fsspec.open("memory://jobs/digits.toml", "w") as f:
+        f.write(pathlib.Path(JOB).read_text())
+    result = submit.submit(
+        "vertex",
+        "memory://jobs/digits.toml",
+        "gs://bucket/runs/r1",
+        dry_run=True,
+        overrides=GCS_DATA,
+        out_dir=str(tmp_path),
+        image_uri="img",
+    )
+    assert result["upload"] is None
+    args = result["custom_job"]["jobSpec"]["workerPoolSpecs"][0]["containerSpec"][
+        "args"
+    ]
+    assert args[1] == "--job=memory://jobs/digits.toml"
+
+
+def test_gce_renders_a_spot_vm_with_a_valid_startup_script(tmp_path):
+    result = dry_run(
+        "gce",
+        tmp_path,
+        accelerator_type="nvidia-tesla-t4",
+        image_project="deeplearning-platform-release",
+        image_family="my-cuda-family",
+    )
+    startup = result["files"]["startup.sh"]
+    subprocess.run(["bash", "-n", startup], check=True)
+    command = result["command"]
+    assert command[:5] == [
+        "gcloud",
+        "compute",
+        "instances",
+        "create",
+        "digits-resnet50-vm",
+    ]
+    for flag in (
+        "--provisioning-model=SPOT",
+        "--instance-termination-action=STOP",
+        "--scopes=cloud-platform",
+        "--accelerator=type=nvidia-tesla-t4,count=1",
+        "--maintenance-policy=TERMINATE",
+        "--image-project=deeplearning-platform-release",
+        "--image-family=my-cuda-family",
+    ):
+        assert flag in command
+    (from_file,) = [c for c in command if c.startswith("--metadata-from-file=")]
+    entries = dict(e.split("=", 1) for e in from_file.split("=", 1)[1].split(","))
+    assert entries["startup-script"] == startup
+    values = {
+        k: pathlib.Path(v).read_text()
+        for k, v in entries.items()
+        if k != "startup-script"
+    }
+    assert values == {
+        "trainer-job": "gs://bucket/runs/r1/job.toml",
+        "trainer-workdir": "gs://bucket/runs/r1",
+        # GPU VM: the [gpu] extra brings tensorflow[and-cuda].
+        "trainer-package": "trainer[gpu] @ git+https://github.com/OWNER/REPO@main",
+        "trainer-set": "\n".join(GCS_DATA),
+        "trainer-on-done": "delete",
+    }
+
+
+def test_kaggle_renders_notebook_and_kernel_metadata(tmp_path, capsys):
+    import nbformat
+
+    result = dry_run(
+        "kaggle",
+        tmp_path,
+        accelerator="tpu",
+        dataset_sources=["me/digits-shards"],
+        overrides=[],
+        workdir="/kaggle/working/run",
+    )
+    meta_path = result["files"]["kernel-metadata.json"]
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for key in ("id", "title", "code_file", "language", "kernel_type"):
+        assert meta[key], key
+    assert meta["id"] == "me/digits-resnet50"
+    assert meta["language"] == "python" and meta["kernel_type"] == "notebook"
+    assert (meta["enable_gpu"], meta["enable_tpu"], meta["enable_internet"]) == (
+        False,
+        True,
+        True,
+    )
+    assert meta["dataset_sources"] == ["me/digits-shards"]
+    notebook_path = os.path.join(os.path.dirname(meta_path), meta["code_file"])
+    notebook = nbformat.read(notebook_path, as_version=4)
+    nbformat.validate(notebook)
+    source = "\n".join(cell.source for cell in notebook.cells)
+    # The platform's TensorFlow stays: no extra on the requirement.
+    assert f"PACKAGE = {PACKAGE!r}" in source
+    assert "[cpu]" not in source.replace("[cpu]/[gpu]", "")
+    assert "DEADLINE = '8h30m'" in source  # TPU sessions end at 9 h.
+    assert "trainer.train.run(" in source and "run this cell again to resume" in source
+    # A local job spec is embedded: the notebook needs nothing from this machine.
+    assert 'name = "digits-resnet50"' in source
+    assert result["command"] == [
+        "kaggle",
+        "kernels",
+        "push",
+        "-p",
+        str(tmp_path / "kaggle"),
+    ]
+    assert "would run: kaggle kernels push -p" in capsys.readouterr().out
+
+
+def test_colab_renders_a_notebook_and_says_there_is_no_submit_api(tmp_path, capsys):
+    import nbformat
+
+    result = dry_run("colab", tmp_path, workdir="/content/drive/MyDrive/runs/r1")
+    (path,) = result["files"].values()
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    assert result["command"] == []
+    params = notebook.cells[1]
+    assert params.metadata["tags"] == ["parameters"]
+    assert "WORKDIR = '/content/drive/MyDrive/runs/r1'" in params.source
+    assert "DEADLINE = '11h30m'" in params.source
+    out = capsys.readouterr().out
+    assert "Colab has no submit API" in out and "Run all" in out
+
+
+def test_committed_notebook_templates_are_current():
+    for rel, text in submit.template_files().items():
+        assert (ROOT / "deploy" / rel).read_text() == text, (
+            f"deploy/{rel} is stale: run `python -m trainer.submit`"
+        )
+
+
+@pytest.mark.parametrize("platform", ["kaggle", "colab"])
+def test_notebook_code_cells_compile_with_an_embedded_job(platform):
+    # A job spec full of quotes and backslashes must survive embedding.
+    import nbformat
+
+    notebook = submit.render_notebook(
+        platform,
+        name="x",
+        job_url=JOB,
+        workdir="gs://b/r",
+        package=PACKAGE,
+        overrides=["name='a\\b\"c'"],
+        gcs_secret="KEY",
+    )
+    nbformat.validate(notebook)
+    namespace: dict = {}
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            compile(cell.source, f"<{platform}:{cell.id}>", "exec")
+    exec(notebook.cells[1].source, namespace)  # The parameters cell.
+    assert namespace["JOB_TOML"] == pathlib.Path(JOB).read_text()
+    assert namespace["OVERRIDES"] == ["name='a\\b\"c'"]
+    assert namespace["INSTALL"] is True
+    assert ("GCS_SECRET" in namespace) == (platform == "kaggle")
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one clear error naming the flag or key and the remedy
+
+
+def test_unknown_target_lists_the_choices(tmp_path):
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"--target: received 'sagemaker'; expected one of vertex, gce, kaggle, colab",
+    ):
+        submit.submit("sagemaker", JOB, "gs://b/r", dry_run=True)
+
+
+@pytest.mark.parametrize("target", ["vertex", "gce"])
+def test_cloud_targets_need_a_gcs_workdir(target, tmp_path):
+    with pytest.raises(
+        submit.SubmitError, match=r"--workdir: received 'runs/r1'.*gs://BUCKET"
+    ):
+        dry_run(target, tmp_path, workdir="runs/r1")
+
+
+def test_notebook_targets_refuse_a_workdir_the_session_wipes(tmp_path):
+    with pytest.raises(submit.SubmitError, match=r"--workdir.*/content/drive/MyDrive"):
+        dry_run("colab", tmp_path, workdir="/content/run")
+    with pytest.raises(submit.SubmitError, match=r"--workdir.*/kaggle/working"):
+        dry_run("kaggle", tmp_path, workdir="/tmp/run")
+
+
+def test_cloud_targets_need_data_in_cloud_storage(tmp_path):
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"data.train: received 'data/digits/train-\*.tfrecord'.*--set=data.train=gs://",
+    ):
+        dry_run("vertex", tmp_path, overrides=[])
+
+
+def test_the_job_must_parse(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(pathlib.Path(JOB).read_text().replace("image_size", "imag_size"))
+    with pytest.raises(config.SpecError, match="did you mean 'image_size'"):
+        submit.submit("colab", str(bad), "gs://b/r", dry_run=True, package=PACKAGE)
+    with pytest.raises(FileNotFoundError, match="job spec not found"):
+        submit.submit(
+            "colab",
+            str(tmp_path / "none.toml"),
+            "gs://b/r",
+            dry_run=True,
+            package=PACKAGE,
+        )
+
+
+def test_missing_required_options_name_the_flag(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRAINER_PACKAGE", raising=False)
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    with pytest.raises(
+        submit.SubmitError, match=r"--image_uri is required.*deploy/docker/Dockerfile"
+    ):
+        dry_run("vertex", tmp_path, image_uri="")
+    with pytest.raises(submit.SubmitError, match=r"--package is required"):
+        dry_run("gce", tmp_path, package="")
+    with pytest.raises(submit.SubmitError, match=r"--image_project: .*NVIDIA driver"):
+        dry_run("gce", tmp_path, accelerator_type="nvidia-tesla-t4")
+    with pytest.raises(submit.SubmitError, match=r"--kernel_id"):
+        dry_run("kaggle", tmp_path, kernel_id="")
+    with pytest.raises(submit.SubmitError, match=r"--accelerator: received 'h100'"):
+        dry_run("kaggle", tmp_path, accelerator="h100")
+    with pytest.raises(
+        submit.SubmitError, match=r"unknown submit option\(s\) \['regoin'\]"
+    ):
+        dry_run("vertex", tmp_path, regoin="x")
+
+
+# ---------------------------------------------------------------------------
+# Real submits: the job is uploaded, then the CLI runs
+
+
+def test_missing_cli_is_a_clear_error_before_anything_is_uploaded(
+    tmp_path, monkeypatch
+):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"`gcloud` not found on PATH.*install the Google Cloud CLI.*--dry_run",
+    ):
+        submit.submit(
+            "vertex", JOB, "gs://no-such-bucket/r", overrides=GCS_DATA,
+            out_dir=str(tmp_path / "out"), image_uri="img",
+        )  # fmt: skip
+    with pytest.raises(submit.SubmitError, match=r"`kaggle` not found.*kaggle.json"):
+        submit.submit(
+            "kaggle", JOB, "gs://b/r", out_dir=str(tmp_path / "k"), **OPTIONS["kaggle"]
+        )
+
+
+def test_vertex_submit_uploads_the_job_then_runs_gcloud(
+    gcs_bucket, tmp_path, monkeypatch
+):
+    from trainer import storage
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = fake_tool(bin_dir, "gcloud")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    workdir = f"{gcs_bucket}/runs/r1"
+    result = submit.submit(
+        "vertex",
+        JOB,
+        workdir,
+        overrides=GCS_DATA,
+        out_dir=str(tmp_path / "out"),
+        image_uri="img",
+    )
+    assert storage.read_text(f"{workdir}/job.toml") == pathlib.Path(JOB).read_text()
+    assert calls(log) == [result["command"][1:]]
+    config_path = result["command"][-1].split("=", 1)[1]
+    with open(config_path) as f:
+        assert json.load(f)["scheduling"]["strategy"] == "SPOT"
+
+
+def test_upload_to_a_missing_bucket_is_one_clear_error(
+    gcs_server, tmp_path, monkeypatch
+):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = fake_tool(bin_dir, "gcloud")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"could not upload the job spec to gs://no-such-bucket-x1/r/job.toml.*gcloud auth",
+    ):
+        submit.submit(
+            "vertex", JOB, "gs://no-such-bucket-x1/r", overrides=GCS_DATA,
+            out_dir=str(tmp_path / "o"), image_uri="img",
+        )  # fmt: skip
+    assert calls(log) == []  # Nothing launched without its job spec.
+
+
+def test_failing_cli_raises(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tool(bin_dir, "kaggle", exit_code=1)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(
+        RuntimeError, match=r"kaggle kernels push -p .* failed with exit code 1"
+    ):
+        submit.submit(
+            "kaggle", JOB, "gs://b/r", out_dir=str(tmp_path / "k"), **OPTIONS["kaggle"]
+        )
+
+
+# ---------------------------------------------------------------------------
+# The GCE startup script, run for real against a loopback metadata server
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+    values: dict[str, str] = {}
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        prefix = "/computeMetadata/v1/"
+        key = self.path[len(prefix) :] if self.path.startswith(prefix) else None
+        if self.headers.get("Metadata-Flavor") != "Google" or key not in self.values:
+            self.send_response(404)
+            self.end_headers()
+            return
+        body = self.values[key].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def metadata_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
+    """Runs deploy/gce/startup.sh with a stand-in `trainer` exiting with `exit_codes`."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is needed by the startup script")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud_log = fake_tool(bin_dir, "gcloud")
+    codes = tmp_path / "codes"
+    codes.write_text("\n".join(map(str, exit_codes)) + "\n")
+    trainer_log = tmp_path / "trainer.log"
+    trainer = bin_dir / "trainer"
+    trainer.write_text(
+        "#!/usr/bin/env bash\n"
+        f"python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {trainer_log}\n"
+        f"code=$(head -n1 {codes}); sed -i 1d {codes}; exit $code\n"
+    )
+    trainer.chmod(0o755)
+    _Metadata.values = {
+        "instance/name": "vm-1",
+        "instance/zone": "projects/123/zones/us-central1-a",
+        **{
+            f"instance/attributes/{k.replace('_', '-')}": v
+            for k, v in attributes.items()
+        },
+    }
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "TRAINER_METADATA_URL": f"http://127.0.0.1:{metadata_server.server_port}/computeMetadata/v1",
+        "TRAINER_HOME": str(tmp_path / "home"),
+        "TRAINER_RETRY_SECONDS": "0",
+    }
+    proc = subprocess.run(
+        ["bash", str(submit.GCE_STARTUP_SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    trainer_calls = calls(trainer_log)
+    return proc, trainer_calls, calls(gcloud_log)
+
+
+JOB_META = {
+    "trainer_job": "gs://b/runs/r1/job.toml",
+    "trainer_workdir": "gs://b/runs/r1",
+    "trainer_set": "train.seed=1\nphases.finetune.epochs=1",
+}
+
+
+def test_startup_script_deletes_the_vm_when_the_run_completes(
+    tmp_path, metadata_server
+):
+    proc, trainer_calls, gcloud_calls = run_startup(
+        tmp_path, metadata_server, [0], **JOB_META
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert trainer_calls == [[
+        "train", "--job=gs://b/runs/r1/job.toml", "--workdir=gs://b/runs/r1",
+        "--set=train.seed=1", "--set=phases.finetune.epochs=1",
+    ]]  # fmt: skip
+    assert gcloud_calls == [
+        ["compute", "instances", "delete", "vm-1", "--zone=us-central1-a", "--quiet"]
+    ]
+
+
+def test_startup_script_just_exits_when_preempted(tmp_path, metadata_server):
+    # 75: a durable checkpoint is written and GCE is stopping the VM; starting
+    # it again reruns this script, which resumes.
+    proc, trainer_calls, gcloud_calls = run_startup(
+        tmp_path, metadata_server, [75], **JOB_META
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(trainer_calls) == 1
+    assert gcloud_calls == []
+    assert "preempted" in proc.stderr
+
+
+def test_startup_script_retries_failures_then_stops_the_vm(tmp_path, metadata_server):
+    proc, trainer_calls, gcloud_calls = run_startup(
+        tmp_path, metadata_server, [1, 1, 0], **JOB_META, trainer_on_done="stop"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(trainer_calls) == 3
+    assert gcloud_calls == [
+        ["compute", "instances", "stop", "vm-1", "--zone=us-central1-a", "--quiet"]
+    ]
+
+
+def test_startup_script_stops_the_vm_on_bad_input(tmp_path, metadata_server):
+    proc, trainer_calls, gcloud_calls = run_startup(
+        tmp_path, metadata_server, [2, 0], **JOB_META
+    )
+    assert proc.returncode == 2
+    assert len(trainer_calls) == 1  # Retrying a bad spec cannot help.
+    assert gcloud_calls == [
+        ["compute", "instances", "stop", "vm-1", "--zone=us-central1-a", "--quiet"]
+    ]
+
+
+def _fake_trainer_wheel(directory: pathlib.Path, log: pathlib.Path) -> pathlib.Path:
+    """A real wheel whose `trainer` console script logs its argv and exits 0."""
+    import base64
+    import hashlib
+    import zipfile
+
+    name = "fake_trainer-0.1.dist-info"
+    files = {
+        "fake_trainer.py": (
+            "import json, sys\n"
+            "def main():\n"
+            f"    with open({str(log)!r}, 'a') as f:\n"
+            "        f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        ),
+        f"{name}/METADATA": "Metadata-Version: 2.1\nName: fake-trainer\nVersion: 0.1\n",
+        f"{name}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{name}/entry_points.txt": "[console_scripts]\ntrainer = fake_trainer:main\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(
+            hashlib.sha256(text.encode()).digest()
+        ).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record.append(f"{name}/RECORD,,")
+    files[f"{name}/RECORD"] = "\n".join(record) + "\n"
+    wheel = directory / "fake_trainer-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
+def test_startup_script_installs_the_package_into_a_venv_once(
+    tmp_path, metadata_server
+):
+    # The install branch for real: python3 -m venv, pip install of a wheel with
+    # the [cpu] extra submit adds, then the venv's `trainer` runs the job.
+    wheel_log = tmp_path / "wheel-trainer.log"
+    wheel = _fake_trainer_wheel(tmp_path, wheel_log)
+    meta = {**JOB_META, "trainer_package": f"{wheel}[cpu]"}
+    proc, stand_in_calls, gcloud_calls = run_startup(
+        tmp_path, metadata_server, [0], **meta
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert stand_in_calls == []  # The venv's trainer ran, not the one on PATH.
+    assert calls(wheel_log)[0][:3] == [
+        "train",
+        "--job=gs://b/runs/r1/job.toml",
+        "--workdir=gs://b/runs/r1",
+    ]
+    assert gcloud_calls[0][:3] == ["compute", "instances", "delete"]
+    assert (tmp_path / "home" / "venv" / "bin" / "trainer").exists()
+
+
+# ---------------------------------------------------------------------------
+# The command line (runs once trainer/main.py has its `submit` command)
+
+
+def _cli_has_submit() -> bool:
+    return '"submit"' in (ROOT / "trainer" / "main.py").read_text()
+
+
+@pytest.mark.skipif(
+    not _cli_has_submit(), reason="trainer/main.py has no submit command yet"
+)
+def test_cli_submit_dry_run_and_bad_input(tmp_path):
+    import sys
+
+    def trainer(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "trainer", "submit", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+
+    ok = trainer(
+        "--target=vertex", f"--job={JOB}", "--workdir=gs://bucket/runs/r1",
+        "--image_uri=img", *(f"--set={s}" for s in GCS_DATA),
+        f"--out_dir={tmp_path}", "--dry_run",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (
+        '"strategy": "SPOT"' in ok.stdout
+        and "would run: gcloud ai custom-jobs create" in ok.stdout
+    )
+    bad = trainer("--target=gce", f"--job={JOB}", "--workdir=runs/r1", "--dry_run")
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert (
+        "--workdir: received 'runs/r1'" in bad.stderr and "Traceback" not in bad.stderr
+    )
+    bad = trainer(
+        "--target=sagemaker", f"--job={JOB}", "--workdir=gs://b/r", "--dry_run"
+    )
+    assert (
+        bad.returncode == 2
+        and "expected one of vertex, gce, kaggle, colab" in bad.stderr
+    )
