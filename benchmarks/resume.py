@@ -31,7 +31,9 @@ sys.path.insert(0, ROOT)
 from benchmarks.checkpoint import start_emulator  # noqa: E402
 
 
-def first_step(args: list[str], scratch: str, *, then_sigterm: bool) -> tuple[float, int, str]:
+def first_step(
+    args: list[str], scratch: str, *, then_sigterm: bool
+) -> tuple[float, int, str]:
     """Seconds from Popen to "first step done"; the exit code; the output."""
     machine = tempfile.mkdtemp(prefix="machine-", dir=scratch)
     for d in ("home", "tmp"):
@@ -61,7 +63,9 @@ def first_step(args: list[str], scratch: str, *, then_sigterm: bool) -> tuple[fl
                 proc.send_signal(signal.SIGTERM)
     code = proc.wait()
     if seconds is None:
-        raise SystemExit(f"no 'first step done' line (exit {code}):\n{''.join(lines)[-3000:]}")
+        raise SystemExit(
+            f"no 'first step done' line (exit {code}):\n{''.join(lines)[-3000:]}"
+        )
     return seconds, code, "".join(lines)
 
 
@@ -81,7 +85,9 @@ def main() -> None:
         digits = os.path.join(scratch, "digits")
         convert.convert_sample_digits(digits, shards=7)
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        gcs.Client(project="bench", credentials=AnonymousCredentials()).create_bucket(bucket)
+        gcs.Client(project="bench", credentials=AnonymousCredentials()).create_bucket(
+            bucket
+        )
 
         rows = []
         for kind, workdir in (
@@ -100,10 +106,14 @@ def main() -> None:
             ]
             fresh, code, out = first_step(args, scratch, then_sigterm=True)
             if code != 75:
-                raise SystemExit(f"{kind}: the fresh run exited {code}, expected 75:\n{out[-3000:]}")
+                raise SystemExit(
+                    f"{kind}: the fresh run exited {code}, expected 75:\n{out[-3000:]}"
+                )
             resume, code, out = first_step(args, scratch, then_sigterm=True)
             if code != 75 or "resuming from step" not in out:
-                raise SystemExit(f"{kind}: the resumed run exited {code}:\n{out[-3000:]}")
+                raise SystemExit(
+                    f"{kind}: the resumed run exited {code}:\n{out[-3000:]}"
+                )
             manager = checkpoint.CheckpointManager(workdir, is_chief=False)
             start = time.monotonic()
             arrays, _ = manager.restore()
@@ -115,13 +125,19 @@ def main() -> None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
         print()
-        print(f"{'workdir':<14}{'ckpt MB':>9}{'fresh TTFS s':>14}{'download s':>12}"
-              f"{'resume TTFS s':>15}{'target s':>10}  verdict")
+        print(
+            f"{'workdir':<14}{'ckpt MB':>9}{'fresh TTFS s':>14}{'download s':>12}"
+            f"{'resume TTFS s':>15}{'target s':>10}  verdict"
+        )
         for kind, size, fresh, download, resume, target in rows:
             verdict = "ok" if resume <= target else "MISSED"
-            print(f"{kind:<14}{size / 1e6:>9.1f}{fresh:>14.1f}{download:>12.2f}"
-                  f"{resume:>15.1f}{target:>10.1f}  {verdict}")
-        print("TTFS: Popen to the first completed training step; target: (fresh + download) x 1.1")
+            print(
+                f"{kind:<14}{size / 1e6:>9.1f}{fresh:>14.1f}{download:>12.2f}"
+                f"{resume:>15.1f}{target:>10.1f}  {verdict}"
+            )
+        print(
+            "TTFS: Popen to the first completed training step; target: (fresh + download) x 1.1"
+        )
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -7,12 +7,12 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def trainer(*args: str, cwd=ROOT, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+def trainer(
+    *args: str, cwd=ROOT, timeout: float = 300, env=None
+) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
@@ -28,7 +28,11 @@ def assert_bad_input(proc: subprocess.CompletedProcess, pattern: str) -> None:
     """Exit 2, one clear message on stderr, no traceback."""
     import re
 
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert proc.returncode == 2, (
+        proc.returncode,
+        proc.stdout[-2000:],
+        proc.stderr[-3000:],
+    )
     assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
@@ -54,8 +58,12 @@ def test_missing_job_file(tmp_path):
 
 def test_bad_spec_lists_every_problem(tmp_path):
     job = tmp_path / "bad.toml"
-    job.write_text((ROOT / "jobs" / "digits.toml").read_text().replace("image_size", "imag_size"))
-    proc = trainer("check", f"--job={job}", f"--workdir={tmp_path}/w", "--set=train.seed=x")
+    job.write_text(
+        (ROOT / "jobs" / "digits.toml").read_text().replace("image_size", "imag_size")
+    )
+    proc = trainer(
+        "check", f"--job={job}", f"--workdir={tmp_path}/w", "--set=train.seed=x"
+    )
     assert_bad_input(proc, r"data.imag_size: unknown key; did you mean 'image_size'")
     assert "train.seed: received 'x'; expected an integer" in proc.stderr
 
@@ -100,16 +108,22 @@ def _write_images(root: pathlib.Path, classes=("cat", "dog"), per_class=3) -> No
 
 def test_convert_images_folder(tmp_path):
     _write_images(tmp_path / "photos")
-    proc = trainer("convert", f"--images={tmp_path}/photos", f"--out={tmp_path}/out", "--shards=2")
+    proc = trainer(
+        "convert", f"--images={tmp_path}/photos", f"--out={tmp_path}/out", "--shards=2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = __import__("json").loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = __import__("json").loads(
+        (tmp_path / "out" / "manifest.json").read_text()
+    )
     assert manifest["class_names"] == ["cat", "dog"]
     assert sum(s["records"] for s in manifest["splits"].values()) == 6
     assert "2 classes" in proc.stdout
 
 
 def test_convert_needs_one_source(tmp_path):
-    assert_bad_input(trainer("convert", f"--out={tmp_path}/o"), r"exactly one of --images")
+    assert_bad_input(
+        trainer("convert", f"--out={tmp_path}/o"), r"exactly one of --images"
+    )
 
 
 def test_convert_missing_images_dir(tmp_path):

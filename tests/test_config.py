@@ -78,18 +78,23 @@ def test_overrides_typed_by_field():
 def test_jit_compile_accepts_bool_or_auto():
     spec = config.load(MINIMAL, ["train.jit_compile=true"], is_text=True)
     assert spec.train.jit_compile is True
-    with pytest.raises(config.SpecError, match=r"train.jit_compile: received 'sometimes'"):
+    with pytest.raises(
+        config.SpecError, match=r"train.jit_compile: received 'sometimes'"
+    ):
         config.load(MINIMAL, ["train.jit_compile=sometimes"], is_text=True)
 
 
 def test_all_problems_collected_in_one_error():
-    text = MINIMAL.replace("num_classes = 10", "num_clases = 10") + """
+    text = (
+        MINIMAL.replace("num_classes = 10", "num_clases = 10")
+        + """
 [train]
 global_batch_size = 0
 sed = 1
 [runtime]
 strategy = "mirorred"
 """
+    )
     with pytest.raises(config.SpecError) as info:
         config.load(text, ["phases.trasfer.epochs=2"], is_text=True)
     err = info.value
@@ -106,15 +111,37 @@ strategy = "mirorred"
 @pytest.mark.parametrize(
     "text, match",
     [
-        ('name = "t"\n[[phases]]\nname="a"\nepochs=1\nlearning_rate=1.0', r"data: missing table"),
+        (
+            'name = "t"\n[[phases]]\nname="a"\nepochs=1\nlearning_rate=1.0',
+            r"data: missing table",
+        ),
         (MINIMAL.split("[[phases]]")[0], r"phases: empty"),
-        (MINIMAL.replace('epochs = 1', 'epochs = "one"'), r"phases.transfer.epochs: received 'one'; expected an integer"),
-        (MINIMAL.replace('epochs = 1', 'epochs = 0'), r"phases.transfer.epochs: received 0; expected a positive"),
-        (MINIMAL.replace('image_size = 32', 'image_size = true'), r"data.image_size: received True; expected an integer"),
-        (MINIMAL + '[model]\npooling = "max"\n', r"model.pooling: received 'max'; expected one of 'flatten', 'avg'"),
-        (MINIMAL + '[model]\ndropout = 1.5\n', r"model.dropout: received 1.5"),
-        (MINIMAL + '[model]\nweights = "weights.bin"\n', r"model.weights: received 'weights.bin'"),
-        (MINIMAL + '[[phases]]\nname = "transfer"\nepochs = 1\nlearning_rate = 1.0\n', r"name 'transfer' used twice"),
+        (
+            MINIMAL.replace("epochs = 1", 'epochs = "one"'),
+            r"phases.transfer.epochs: received 'one'; expected an integer",
+        ),
+        (
+            MINIMAL.replace("epochs = 1", "epochs = 0"),
+            r"phases.transfer.epochs: received 0; expected a positive",
+        ),
+        (
+            MINIMAL.replace("image_size = 32", "image_size = true"),
+            r"data.image_size: received True; expected an integer",
+        ),
+        (
+            MINIMAL + '[model]\npooling = "max"\n',
+            r"model.pooling: received 'max'; expected one of 'flatten', 'avg'",
+        ),
+        (MINIMAL + "[model]\ndropout = 1.5\n", r"model.dropout: received 1.5"),
+        (
+            MINIMAL + '[model]\nweights = "weights.bin"\n',
+            r"model.weights: received 'weights.bin'",
+        ),
+        (
+            MINIMAL
+            + '[[phases]]\nname = "transfer"\nepochs = 1\nlearning_rate = 1.0\n',
+            r"name 'transfer' used twice",
+        ),
         (MINIMAL + 'colour = "red"\n', r"colour: unknown key"),
         ("name = ", r"not valid TOML"),
     ],
@@ -132,7 +159,10 @@ def test_bad_specs(text, match):
         ("train.seed.x=1", r"expected SECTION.FIELD"),
         ("phases.transfer=1", r"expected phases.PHASE_NAME.FIELD"),
         ("phases.transfer.epoch=1", r"did you mean 'epochs'"),
-        ("train.global_batch_size=big", r"train.global_batch_size: received 'big'; expected an integer"),
+        (
+            "train.global_batch_size=big",
+            r"train.global_batch_size: received 'big'; expected an integer",
+        ),
     ],
 )
 def test_bad_overrides(override, match):

@@ -64,11 +64,18 @@ class Run:
 
     def __init__(self, args: list[str], scratch: str):
         self.machine = tempfile.mkdtemp(prefix="machine-", dir=scratch)
-        home, tmp = os.path.join(self.machine, "home"), os.path.join(self.machine, "tmp")
+        home, tmp = (
+            os.path.join(self.machine, "home"),
+            os.path.join(self.machine, "tmp"),
+        )
         os.makedirs(home)
         os.makedirs(tmp)
         env = dict(
-            os.environ, HOME=home, TMPDIR=tmp, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1"
+            os.environ,
+            HOME=home,
+            TMPDIR=tmp,
+            TF_CPP_MIN_LOG_LEVEL="3",
+            PYTHONUNBUFFERED="1",
         )
         self.out_path = os.path.join(self.machine, "out.txt")
         self.err_path = os.path.join(self.machine, "err.txt")
@@ -127,7 +134,7 @@ class Bucket:
         from google.cloud import storage as gcs
 
         assert url.startswith("gs://")
-        self.name = url[len("gs://"):].split("/", 1)[0]
+        self.name = url[len("gs://") :].split("/", 1)[0]
         self.client = gcs.Client(project="test", credentials=AnonymousCredentials())
         self.bucket = self.client.bucket(self.name)
 
@@ -149,7 +156,7 @@ class Bucket:
         prefix = f"{workdir_path}checkpoints/"
         steps = set()
         for blob in self.client.list_blobs(self.name, prefix=prefix):
-            m = re.match(r"ckpt-(\d+)/", blob.name[len(prefix):])
+            m = re.match(r"ckpt-(\d+)/", blob.name[len(prefix) :])
             if m:
                 steps.add(int(m.group(1)))
         return steps
@@ -169,7 +176,9 @@ def wait_for(predicate, run: Run | None, timeout: float = 120, interval: float =
         if value:
             return value
         if run is not None and not run.running():
-            pytest.fail(f"the trainer exited before the awaited moment: {run.describe()}")
+            pytest.fail(
+                f"the trainer exited before the awaited moment: {run.describe()}"
+            )
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout}s" + (f": {run.describe()}" if run else ""))
 
@@ -251,7 +260,12 @@ def test_kill_9_and_resume_is_bit_exact(gcs_bucket, digits_dir, tmp_path):
     assert run.proc.returncode == 0, run.describe()
     print("kills (moment, LATEST step before the kill, exit code):", kills)
     # At least two of the kills interrupted a run that had something to resume.
-    assert sum(1 for _, step, code in kills if code == -signal.SIGKILL and step is not None) >= 2, kills
+    assert (
+        sum(
+            1 for _, step, code in kills if code == -signal.SIGKILL and step is not None
+        )
+        >= 2
+    ), kills
 
     sa, sb = summary(bucket, pa), summary(bucket, pb)
     assert sa["status"] == sb["status"] == "completed"
@@ -262,9 +276,11 @@ def test_kill_9_and_resume_is_bit_exact(gcs_bucket, digits_dir, tmp_path):
     # The exported models, weight for weight.
     ma, mb = load_export(bucket, pa, scratch), load_export(bucket, pb, scratch)
     assert len(ma.weights) == len(mb.weights) > 0
-    for wa, wb in zip(ma.weights, mb.weights):
+    for wa, wb in zip(ma.weights, mb.weights, strict=False):
         assert wa.path == wb.path
-        assert np.array_equal(np.asarray(wa), np.asarray(wb)), f"{wa.path} differs after resume"
+        assert np.array_equal(np.asarray(wa), np.asarray(wb)), (
+            f"{wa.path} differs after resume"
+        )
 
     # The final checkpoints, array for array (model, BatchNorm statistics, seeds).
     arrays_a, state_a = checkpoint.CheckpointManager(url_a, is_chief=False).restore()
@@ -272,7 +288,9 @@ def test_kill_9_and_resume_is_bit_exact(gcs_bucket, digits_dir, tmp_path):
     assert state_a["global_step"] == state_b["global_step"] == TOTAL_STEPS
     assert sorted(arrays_a) == sorted(arrays_b)
     for key in arrays_a:
-        assert np.array_equal(arrays_a[key], arrays_b[key]), f"{key} differs after resume"
+        assert np.array_equal(arrays_a[key], arrays_b[key]), (
+            f"{key} differs after resume"
+        )
 
     # Optimizer steps: the last checkpoint holding the finetune optimizer has
     # taken exactly as many steps as the uninterrupted run.
@@ -331,7 +349,9 @@ def test_corrupt_newest_checkpoint_falls_back(gcs_bucket, digits_dir, tmp_path):
     bucket = Bucket(gcs_bucket)
     url, prefix = workdir_in(gcs_bucket, "w")
     args = train_args(digits_dir, url)
-    run, code, _ = _preempt_with_sigterm(bucket, prefix, args, str(tmp_path), min_latest=4)
+    run, code, _ = _preempt_with_sigterm(
+        bucket, prefix, args, str(tmp_path), min_latest=4
+    )
     assert code == 75, run.describe()
     newest = bucket.latest(prefix)
     older = sorted(s for s in bucket.folders(prefix) if s < newest)
@@ -356,7 +376,9 @@ def test_deleted_latest_target_falls_back(gcs_bucket, digits_dir, tmp_path):
     bucket = Bucket(gcs_bucket)
     url, prefix = workdir_in(gcs_bucket, "w")
     args = train_args(digits_dir, url)
-    run, code, _ = _preempt_with_sigterm(bucket, prefix, args, str(tmp_path), min_latest=4)
+    run, code, _ = _preempt_with_sigterm(
+        bucket, prefix, args, str(tmp_path), min_latest=4
+    )
     assert code == 75, run.describe()
     newest = bucket.latest(prefix)
     older = sorted(s for s in bucket.folders(prefix) if s < newest)
@@ -375,7 +397,9 @@ def test_deleted_latest_target_falls_back(gcs_bucket, digits_dir, tmp_path):
 # 4. Two trainers on one workdir: the newer wins, the stale one exits 2
 
 
-def test_two_trainers_newer_wins_latest_only_moves_forward(gcs_bucket, digits_dir, tmp_path):
+def test_two_trainers_newer_wins_latest_only_moves_forward(
+    gcs_bucket, digits_dir, tmp_path
+):
     bucket = Bucket(gcs_bucket)
     url, prefix = workdir_in(gcs_bucket, "w")
     args = train_args(digits_dir, url)
@@ -438,9 +462,14 @@ def test_deadline_then_spec_change_on_resume(gcs_bucket, digits_dir, tmp_path):
     assert "Traceback" not in refused.stderr
     assert bucket.latest(prefix) == s["global_step"]  # Nothing moved.
 
-    lr = run_to_end(train_args(digits_dir, url, "--set=phases.transfer.learning_rate=0.002"), scratch)
+    lr = run_to_end(
+        train_args(digits_dir, url, "--set=phases.transfer.learning_rate=0.002"),
+        scratch,
+    )
     assert lr.proc.returncode == 0, lr.describe()
-    assert re.search(r"note: spec changed .*learning_rate.*0\.001 -> 0\.002", lr.stdout), lr.stdout[-2000:]
+    assert re.search(
+        r"note: spec changed .*learning_rate.*0\.001 -> 0\.002", lr.stdout
+    ), lr.stdout[-2000:]
     assert f"resuming from step {s['global_step']}" in lr.stdout
     s = summary(bucket, prefix)
     assert s["status"] == "completed" and s["global_step"] == TOTAL_STEPS

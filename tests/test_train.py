@@ -55,13 +55,20 @@ def test_train_end_to_end_then_rerun_is_a_noop(digits, tmp_path):
     assert summary["phase"] == "finetune"
     assert summary["global_step"] == 2 * 6 + 2
     assert 0.0 <= summary["metrics"]["val_accuracy"] <= 1.0
-    assert [h["phase"] for h in summary["history"]] == ["transfer", "transfer", "finetune"]
+    assert [h["phase"] for h in summary["history"]] == [
+        "transfer",
+        "transfer",
+        "finetune",
+    ]
     assert json.loads((run / "job.json").read_text())["model"]["backbone"] == "resnet50"
     assert (run / "checkpoints" / "LATEST").exists()
     assert list((run / "logs").rglob("events.out.tfevents.*"))
     assert (run / "plots" / "training_curves.png").stat().st_size > 1000
     assert (run / "plots" / "confusion_matrix.png").stat().st_size > 1000
-    assert "phase 'finetune'" in proc.stdout and "trainable_from='res5a_branch2a'" in proc.stdout
+    assert (
+        "phase 'finetune'" in proc.stdout
+        and "trainable_from='res5a_branch2a'" in proc.stdout
+    )
 
     again = trainer("train", *job_args(digits, workdir))
     assert again.returncode == 0, again.stderr[-3000:]
@@ -71,7 +78,9 @@ def test_train_end_to_end_then_rerun_is_a_noop(digits, tmp_path):
 
 def test_exported_model_loads_in_safe_mode(digits, tmp_path):
     workdir = str(tmp_path / "run")
-    proc = trainer("train", *job_args(digits, workdir, "--set=phases.finetune.steps_per_epoch=1"))
+    proc = trainer(
+        "train", *job_args(digits, workdir, "--set=phases.finetune.steps_per_epoch=1")
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     import keras
 
@@ -115,7 +124,8 @@ def test_check_leaves_no_checkpoint(digits, tmp_path):
 
 def test_image_size_too_small_for_backbone(digits, tmp_path):
     proc = trainer(
-        "check", *job_args(digits, str(tmp_path / "w"), "--set=model.backbone=inceptionv3")
+        "check",
+        *job_args(digits, str(tmp_path / "w"), "--set=model.backbone=inceptionv3"),
     )
     assert_bad_input(proc, r"data.image_size.*inceptionv3")
 
@@ -123,7 +133,11 @@ def test_image_size_too_small_for_backbone(digits, tmp_path):
 def test_unknown_layer_name(digits, tmp_path):
     proc = trainer(
         "check",
-        *job_args(digits, str(tmp_path / "w"), "--set=phases.finetune.trainable_from=res5a_brnch2a"),
+        *job_args(
+            digits,
+            str(tmp_path / "w"),
+            "--set=phases.finetune.trainable_from=res5a_brnch2a",
+        ),
     )
     assert_bad_input(proc, r"res5a_brnch2a")
     assert "res5a_branch2a" in proc.stderr

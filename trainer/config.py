@@ -100,12 +100,12 @@ class PhaseConfig:
 class RuntimeConfig:
     """`[runtime]`: distribution strategy and numeric precision."""
 
-    strategy: Literal[
-        "auto", "tpu", "multiworker", "mirrored", "one_device", "cpu"
-    ] = "auto"
-    mixed_precision: Literal[
-        "auto", "float32", "mixed_float16", "mixed_bfloat16"
-    ] = "auto"
+    strategy: Literal["auto", "tpu", "multiworker", "mirrored", "one_device", "cpu"] = (
+        "auto"
+    )
+    mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = (
+        "auto"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,9 @@ class JobSpec:
 
     def phase_jit(self, phase: PhaseConfig) -> JitCompile:
         """The phase's `jit_compile`, inherited from `[train]` when unset."""
-        return self.train.jit_compile if phase.jit_compile is None else phase.jit_compile
+        return (
+            self.train.jit_compile if phase.jit_compile is None else phase.jit_compile
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -215,7 +217,9 @@ def _read_text(path: str) -> str:
             "e.g. jobs/digits.toml)"
         ) from None
     except IsADirectoryError:
-        raise FileNotFoundError(f"job spec {path} is a directory, not a TOML file")
+        raise FileNotFoundError(
+            f"job spec {path} is a directory, not a TOML file"
+        ) from None
 
 
 def from_dict(raw: dict[str, Any], problems: list[str] | None = None) -> JobSpec:
@@ -236,10 +240,14 @@ def from_dict(raw: dict[str, Any], problems: list[str] | None = None) -> JobSpec
     for section, cls in _SECTIONS.items():
         value = raw.get(section, {})
         if not isinstance(value, dict):
-            collect.append(f"{section}: received {value!r}; expected a table [{section}]")
+            collect.append(
+                f"{section}: received {value!r}; expected a table [{section}]"
+            )
             value = {}
         if section == "data" and "data" not in raw:
-            collect.append("data: missing table [data] (train, validation, image_size, num_classes)")
+            collect.append(
+                "data: missing table [data] (train, validation, image_size, num_classes)"
+            )
         sections[section] = _build(cls, value, section, collect)
     phases_raw = raw.get("phases")
     phases: list[PhaseConfig] = []
@@ -306,11 +314,14 @@ def _build(cls, values: dict[str, Any], prefix: str, problems: list[str]):
             problems.append(f"{prefix}.{key}: received {value!r}; expected {e}")
     for name, f in fields.items():
         required = (
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
         )
         if required and name not in kwargs:
             if name not in values:
-                problems.append(f"{prefix}.{name}: missing (expected {_describe(hints[name])})")
+                problems.append(
+                    f"{prefix}.{name}: missing (expected {_describe(hints[name])})"
+                )
             ok = False
     if not ok:
         return None
@@ -411,14 +422,16 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
     for i, units in enumerate(m.dense):
         positive(f"model.dense[{i}]", units)
     if not 0.0 <= m.dropout < 1.0:
-        problems.append(f"model.dropout: received {m.dropout!r}; expected 0 <= dropout < 1")
+        problems.append(
+            f"model.dropout: received {m.dropout!r}; expected 0 <= dropout < 1"
+        )
     if not m.weights.strip():
         problems.append(
             'model.weights: empty; expected "imagenet", "none" or a .h5 / .weights.h5 URL'
         )
     elif m.weights not in ("imagenet", "none") and not m.weights.endswith(".h5"):
         problems.append(
-            f"model.weights: received {m.weights!r}; expected \"imagenet\", \"none\" "
+            f'model.weights: received {m.weights!r}; expected "imagenet", "none" '
             "or the URL of a .h5 / .weights.h5 file"
         )
     positive("train.global_batch_size", t.global_batch_size)
@@ -434,7 +447,7 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
         non_negative(f"phases.{p.name}.steps_per_epoch", p.steps_per_epoch)
         if not p.trainable_from.strip():
             problems.append(
-                f"phases.{p.name}.trainable_from: empty; expected \"none\", \"all\" "
+                f'phases.{p.name}.trainable_from: empty; expected "none", "all" '
                 "or a layer name (see `trainer layers --backbone=NAME`)"
             )
 
@@ -469,7 +482,9 @@ def apply_overrides(
         if parts[0] not in _SECTIONS or len(parts) != 2:
             valid = [*_SECTIONS, "name", "phases"]
             if parts[0] not in _SECTIONS and parts[0] != "name":
-                problems.append(f"--set {key}: " + _unknown(key, parts[0], valid).split(": ", 1)[1])
+                problems.append(
+                    f"--set {key}: " + _unknown(key, parts[0], valid).split(": ", 1)[1]
+                )
             else:
                 problems.append(f"--set {key}: expected SECTION.FIELD, e.g. train.seed")
             continue
@@ -486,7 +501,9 @@ _SKIP = object()
 def _override_phase(raw, key, parts, text, problems) -> None:
     phases = raw.setdefault("phases", [])
     if len(parts) != 3:
-        problems.append(f"--set {key}: expected phases.PHASE_NAME.FIELD, e.g. phases.finetune.epochs")
+        problems.append(
+            f"--set {key}: expected phases.PHASE_NAME.FIELD, e.g. phases.finetune.epochs"
+        )
         return
     names = [p.get("name") for p in phases if isinstance(p, dict)]
     if parts[1] not in names:
@@ -504,14 +521,21 @@ def _override_phase(raw, key, parts, text, problems) -> None:
 def _typed_value(cls, field: str, text: str, key: str, problems: list[str]):
     hints = typing.get_type_hints(cls)
     if field not in hints:
-        problems.append(f"--set {key}: " + _unknown(key, field, hints).split(": ", 1)[1])
+        problems.append(
+            f"--set {key}: " + _unknown(key, field, hints).split(": ", 1)[1]
+        )
         return _SKIP
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # A bare word: take it as a string.
     tp = hints[field]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and _accepts(tp, str) and not _accepts(tp, type(value)):
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and _accepts(tp, str)
+        and not _accepts(tp, type(value))
+    ):
         value = text
     if isinstance(value, bool) and not _accepts(tp, bool) and _accepts(tp, str):
         value = text

@@ -127,11 +127,15 @@ def describe(manifest: dict[str, Any], out: str) -> str:
     """A short report of what a conversion wrote, for the CLI."""
     lines = [f"wrote {out}/{MANIFEST}: {manifest['num_classes']} classes"]
     for split, info in manifest["splits"].items():
-        lines.append(f"  {split}: {info['records']} records in {len(info['shards'])} shard(s)")
+        lines.append(
+            f"  {split}: {info['records']} records in {len(info['shards'])} shard(s)"
+        )
     size = manifest.get("image_size", {})
     if size.get("height"):
         h, w = size["height"], size["width"]
-        lines.append(f"  image size: {h['min']}-{h['max']} x {w['min']}-{w['max']} pixels")
+        lines.append(
+            f"  image size: {h['min']}-{h['max']} x {w['min']}-{w['max']} pixels"
+        )
     return "\n".join(lines)
 
 

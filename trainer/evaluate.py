@@ -23,7 +23,9 @@ def load_run(workdir: str) -> tuple[config.JobSpec, keras.Model]:
     job_url = storage.join(workdir, "job.json")
     model_url = storage.join(workdir, "export", "model.keras")
     if not storage.exists(job_url):
-        raise FileNotFoundError(f"{job_url} not found: is {workdir} the --workdir of a `trainer train` run?")
+        raise FileNotFoundError(
+            f"{job_url} not found: is {workdir} the --workdir of a `trainer train` run?"
+        )
     if not storage.exists(model_url):
         raise FileNotFoundError(
             f"{model_url} not found: the run has not completed; run the same "
@@ -41,7 +43,9 @@ def evaluate(workdir: str, data: str | None = None) -> dict[str, Any]:
     """Accuracy, loss and the confusion matrix of the exported model on `data`."""
     spec, model = load_run(workdir)
     if data:
-        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, validation=data))
+        spec = dataclasses.replace(
+            spec, data=dataclasses.replace(spec.data, validation=data)
+        )
     num_classes = max(spec.data.num_classes, 2)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for images, labels, weights in input_pipeline.eval_dataset(spec):
@@ -56,7 +60,7 @@ def evaluate(workdir: str, data: str | None = None) -> dict[str, Any]:
     print("confusion matrix (rows: true, columns: predicted):")
     width = max(len(n) for n in names) + 1
     print(" " * width + "".join(f"{n:>{width}}" for n in names))
-    for name, row in zip(names, confusion):
+    for name, row in zip(names, confusion, strict=False):
         print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
     return {"accuracy": accuracy, "count": total, "confusion": confusion.tolist()}
 
@@ -71,7 +75,9 @@ def predict(workdir: str, urls: list[str]) -> list[dict[str, Any]]:
         if not storage.exists(url):
             raise FileNotFoundError(f"image not found: {url}")
         try:
-            image = tf.io.decode_image(storage.read_bytes(url), channels=3, expand_animations=False)
+            image = tf.io.decode_image(
+                storage.read_bytes(url), channels=3, expand_animations=False
+            )
         except tf.errors.InvalidArgumentError:
             raise ValueError(f"{url} is not a JPEG, PNG, GIF or BMP image") from None
         image = tf.image.resize(tf.cast(image, tf.float32), (size, size))

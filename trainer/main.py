@@ -16,40 +16,142 @@ EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("job", None, "Job spec: path or URL of a TOML file (jobs/digits.toml).")
-flags.DEFINE_string("workdir", None, "Run directory: local path or fsspec URL (gs://...). Its identity: re-running resumes.")
-flags.DEFINE_multi_string("set", [], "Override a spec key: --set=train.seed=1 --set=phases.finetune.epochs=1.")
-flags.DEFINE_string("deadline", None, "Stop with a checkpoint (exit 75) before this much time has passed, e.g. 11h30m.")
+flags.DEFINE_string(
+    "job", None, "Job spec: path or URL of a TOML file (jobs/digits.toml)."
+)
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory: local path or fsspec URL (gs://...). Its identity: re-running resumes.",
+)
+flags.DEFINE_multi_string(
+    "set", [], "Override a spec key: --set=train.seed=1 --set=phases.finetune.epochs=1."
+)
+flags.DEFINE_string(
+    "deadline",
+    None,
+    "Stop with a checkpoint (exit 75) before this much time has passed, e.g. 11h30m.",
+)
 flags.DEFINE_string("backbone", "resnet50", "`layers`: the backbone to list.")
-flags.DEFINE_integer("image_size", 224, "`layers`: input size to build the backbone at.")
-flags.DEFINE_string("images", None, "`convert`: a folder with one subfolder of images per class.")
+flags.DEFINE_integer(
+    "image_size", 224, "`layers`: input size to build the backbone at."
+)
+flags.DEFINE_string(
+    "images", None, "`convert`: a folder with one subfolder of images per class."
+)
 flags.DEFINE_string("sample", None, "`convert`: a bundled sample data set (digits).")
 flags.DEFINE_string("out", None, "`convert`: output URL for the TFRecord shards.")
-flags.DEFINE_integer("shards", None, "`convert`: number of shards per split (default: by size, ~100 MB each).")
-flags.DEFINE_float("validation_fraction", 0.2, "`convert`: fraction held out as validation.")
-flags.DEFINE_string("data", None, "`evaluate`: TFRecord URL glob (default: the job's validation data).")
-flags.DEFINE_string("target", None, "`submit`: where to run the job: vertex | gce | kaggle | colab.")
-flags.DEFINE_bool("dry_run", False, "`submit`: write and print the artifacts and the command; upload and run nothing.")
-flags.DEFINE_string("out_dir", None, "`submit`: folder for the rendered artifacts (default: a new temp folder).")
-flags.DEFINE_string("package", None, "`submit` (gce, kaggle, colab): pip requirement of trainer, e.g. 'trainer @ git+https://github.com/OWNER/REPO@main' (default: $TRAINER_PACKAGE).")
-flags.DEFINE_string("region", None, "`submit --target=vertex`: Vertex AI region (default us-central1).")
-flags.DEFINE_string("image_uri", None, "`submit --target=vertex`: the container image built from deploy/docker/Dockerfile.")
-flags.DEFINE_string("machine_type", None, "`submit` (vertex, gce): machine type (default n1-standard-8 / e2-standard-8).")
-flags.DEFINE_string("accelerator_type", None, "`submit`: GPU type; vertex NVIDIA_TESLA_T4, gce nvidia-tesla-t4, ...")
-flags.DEFINE_integer("accelerator_count", None, "`submit` (vertex, gce): GPUs per machine (default 1 with --accelerator_type).")
-flags.DEFINE_string("timeout", None, "`submit --target=vertex`: maximum running time, e.g. 24h (Vertex's default: 7 days).")
-flags.DEFINE_string("max_wait", None, "`submit --target=vertex`: maximum time to wait for resources, e.g. 2h.")
-flags.DEFINE_string("service_account", None, "`submit --target=vertex`: service account the job runs as.")
-flags.DEFINE_string("zone", None, "`submit --target=gce`: zone of the spot VM (default us-central1-a).")
-flags.DEFINE_string("vm_name", None, "`submit --target=gce`: VM name (default: <job name>-vm).")
-flags.DEFINE_string("image_family", None, "`submit --target=gce`: boot image family (default debian-12).")
-flags.DEFINE_string("image_project", None, "`submit --target=gce`: boot image project (default debian-cloud).")
-flags.DEFINE_string("boot_disk_size", None, "`submit --target=gce`: boot disk size (default 50GB).")
-flags.DEFINE_string("on_done", None, "`submit --target=gce`: delete | stop, what the VM does once the run completed (default delete).")
-flags.DEFINE_string("kernel_id", None, "`submit --target=kaggle`: OWNER/SLUG (default: $KAGGLE_USERNAME/<job name>).")
-flags.DEFINE_string("accelerator", None, "`submit` (kaggle, colab): the session's accelerator: none | gpu | tpu (default none).")
-flags.DEFINE_multi_string("dataset_sources", None, "`submit --target=kaggle`: a Kaggle dataset to attach, OWNER/SLUG (repeatable).")
-flags.DEFINE_string("gcs_secret", None, "`submit --target=kaggle`: Kaggle secret holding a service-account JSON key, for a gs:// workdir.")
+flags.DEFINE_integer(
+    "shards",
+    None,
+    "`convert`: number of shards per split (default: by size, ~100 MB each).",
+)
+flags.DEFINE_float(
+    "validation_fraction", 0.2, "`convert`: fraction held out as validation."
+)
+flags.DEFINE_string(
+    "data", None, "`evaluate`: TFRecord URL glob (default: the job's validation data)."
+)
+flags.DEFINE_string(
+    "target", None, "`submit`: where to run the job: vertex | gce | kaggle | colab."
+)
+flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "`submit`: write and print the artifacts and the command; upload and run nothing.",
+)
+flags.DEFINE_string(
+    "out_dir",
+    None,
+    "`submit`: folder for the rendered artifacts (default: a new temp folder).",
+)
+flags.DEFINE_string(
+    "package",
+    None,
+    "`submit` (gce, kaggle, colab): pip requirement of trainer, e.g. 'trainer @ git+https://github.com/OWNER/REPO@main' (default: $TRAINER_PACKAGE).",
+)
+flags.DEFINE_string(
+    "region", None, "`submit --target=vertex`: Vertex AI region (default us-central1)."
+)
+flags.DEFINE_string(
+    "image_uri",
+    None,
+    "`submit --target=vertex`: the container image built from deploy/docker/Dockerfile.",
+)
+flags.DEFINE_string(
+    "machine_type",
+    None,
+    "`submit` (vertex, gce): machine type (default n1-standard-8 / e2-standard-8).",
+)
+flags.DEFINE_string(
+    "accelerator_type",
+    None,
+    "`submit`: GPU type; vertex NVIDIA_TESLA_T4, gce nvidia-tesla-t4, ...",
+)
+flags.DEFINE_integer(
+    "accelerator_count",
+    None,
+    "`submit` (vertex, gce): GPUs per machine (default 1 with --accelerator_type).",
+)
+flags.DEFINE_string(
+    "timeout",
+    None,
+    "`submit --target=vertex`: maximum running time, e.g. 24h (Vertex's default: 7 days).",
+)
+flags.DEFINE_string(
+    "max_wait",
+    None,
+    "`submit --target=vertex`: maximum time to wait for resources, e.g. 2h.",
+)
+flags.DEFINE_string(
+    "service_account",
+    None,
+    "`submit --target=vertex`: service account the job runs as.",
+)
+flags.DEFINE_string(
+    "zone", None, "`submit --target=gce`: zone of the spot VM (default us-central1-a)."
+)
+flags.DEFINE_string(
+    "vm_name", None, "`submit --target=gce`: VM name (default: <job name>-vm)."
+)
+flags.DEFINE_string(
+    "image_family",
+    None,
+    "`submit --target=gce`: boot image family (default debian-12).",
+)
+flags.DEFINE_string(
+    "image_project",
+    None,
+    "`submit --target=gce`: boot image project (default debian-cloud).",
+)
+flags.DEFINE_string(
+    "boot_disk_size", None, "`submit --target=gce`: boot disk size (default 50GB)."
+)
+flags.DEFINE_string(
+    "on_done",
+    None,
+    "`submit --target=gce`: delete | stop, what the VM does once the run completed (default delete).",
+)
+flags.DEFINE_string(
+    "kernel_id",
+    None,
+    "`submit --target=kaggle`: OWNER/SLUG (default: $KAGGLE_USERNAME/<job name>).",
+)
+flags.DEFINE_string(
+    "accelerator",
+    None,
+    "`submit` (kaggle, colab): the session's accelerator: none | gpu | tpu (default none).",
+)
+flags.DEFINE_multi_string(
+    "dataset_sources",
+    None,
+    "`submit --target=kaggle`: a Kaggle dataset to attach, OWNER/SLUG (repeatable).",
+)
+flags.DEFINE_string(
+    "gcs_secret",
+    None,
+    "`submit --target=kaggle`: Kaggle secret holding a service-account JSON key, for a gs:// workdir.",
+)
 
 
 def _usage() -> str:
@@ -86,7 +188,9 @@ def _workdir() -> str:
             from trainer import storage
 
             return storage.dirname(os.environ[var].rstrip("/"))
-    raise UsageError(f"--workdir is required (a local path or a URL such as gs://bucket/run)\n{_usage()}")
+    raise UsageError(
+        f"--workdir is required (a local path or a URL such as gs://bucket/run)\n{_usage()}"
+    )
 
 
 def _spec():
@@ -118,16 +222,24 @@ def main(argv: list[str]) -> int:
     elif command == "layers":
         from trainer import models
 
-        print(models.format_layer_table(models.layer_table(FLAGS.backbone, FLAGS.image_size)))
+        print(
+            models.format_layer_table(
+                models.layer_table(FLAGS.backbone, FLAGS.image_size)
+            )
+        )
     elif command == "convert":
         from trainer import convert
 
         out = _require("out")
         if bool(FLAGS.images) == bool(FLAGS.sample):
-            raise UsageError("convert needs exactly one of --images=DIR or --sample=digits")
+            raise UsageError(
+                "convert needs exactly one of --images=DIR or --sample=digits"
+            )
         if FLAGS.sample:
             if FLAGS.sample != "digits":
-                raise UsageError(f"--sample: received {FLAGS.sample!r}; expected 'digits'")
+                raise UsageError(
+                    f"--sample: received {FLAGS.sample!r}; expected 'digits'"
+                )
             info = convert.convert_sample_digits(
                 out, shards=FLAGS.shards, validation_fraction=FLAGS.validation_fraction
             )
@@ -207,8 +319,11 @@ def _entry(argv: list[str]) -> None:
     except Exception as e:  # Mapped to the exit codes of design.md.
         preemption = sys.modules.get("trainer.preemption")
         if preemption is not None and isinstance(e, preemption.Preempted):
-            print(f"stopped ({e}) after a durable checkpoint: run the same command "
-                  "again to resume", file=sys.stderr)
+            print(
+                f"stopped ({e}) after a durable checkpoint: run the same command "
+                "again to resume",
+                file=sys.stderr,
+            )
             code = EXIT_PREEMPTED
         elif _is_bad_input(e) or _is_fenced(e):
             print(f"error: {e}", file=sys.stderr)

@@ -24,8 +24,10 @@ def detect_platform(environ: dict[str, str] | None = None) -> str:
         return "vertex"
     if env.get("KAGGLE_KERNEL_RUN_TYPE") or env.get("KAGGLE_URL_BASE"):
         return "kaggle"
-    if env.get("COLAB_RELEASE_TAG") or env.get("COLAB_GPU") is not None or (
-        environ is None and "google.colab" in sys.modules
+    if (
+        env.get("COLAB_RELEASE_TAG")
+        or env.get("COLAB_GPU") is not None
+        or (environ is None and "google.colab" in sys.modules)
     ):
         return "colab"
     if env.get("TRAINER_PLATFORM"):
@@ -108,7 +110,9 @@ class Runtime:
         }
 
 
-def setup(rt: config.RuntimeConfig, *, deterministic: bool = False, seed: int = 0) -> Runtime:
+def setup(
+    rt: config.RuntimeConfig, *, deterministic: bool = False, seed: int = 0
+) -> Runtime:
     """Builds the strategy and sets the global precision policy.
 
     Must run before any other TensorFlow op: MultiWorkerMirroredStrategy and the
@@ -188,7 +192,9 @@ def _make_strategy(tf, name: str):
             devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices), device_type
     if name == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0"), device_type
+        return tf.distribute.OneDeviceStrategy(
+            "/gpu:0" if gpus else "/cpu:0"
+        ), device_type
     if name == "cpu":
         return tf.distribute.get_strategy(), "cpu"
     raise ValueError(f"runtime.strategy: unknown strategy {name!r}")

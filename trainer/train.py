@@ -17,7 +17,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import checkpoint, config, input_pipeline, models, preemption, runtime, storage
+from trainer import (
+    checkpoint,
+    config,
+    input_pipeline,
+    models,
+    preemption,
+    runtime,
+    storage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,9 @@ class TrainState:
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     optimizer_phase: int | None = None  # phase the saved optimizer slots belong to
-    confusion: list[list[float]] = dataclasses.field(default_factory=list)  # last validation
+    confusion: list[list[float]] = dataclasses.field(
+        default_factory=list
+    )  # last validation
     runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
     shape_hash: str = ""
 
@@ -74,10 +84,14 @@ def run(
     """
     done = _completed_summary(workdir)
     if done is not None:
-        print(f"{workdir} already completed at step {done['global_step']}: "
-              f"{json.dumps(done['metrics'])}")
+        print(
+            f"{workdir} already completed at step {done['global_step']}: "
+            f"{json.dumps(done['metrics'])}"
+        )
         return done
-    rt = runtime.setup(spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed)
+    rt = runtime.setup(
+        spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
+    )
     _record_spec(spec, workdir, rt.is_chief)
     ckpt = checkpoint.CheckpointManager(
         workdir,
@@ -126,7 +140,13 @@ def run(
         if rt.is_chief:
             storage.write_json(
                 storage.join(workdir, "summary.json"),
-                _summary(spec, state, "preempted", ckpt, state.history[-1] if state.history else {}),
+                _summary(
+                    spec,
+                    state,
+                    "preempted",
+                    ckpt,
+                    state.history[-1] if state.history else {},
+                ),
             )
         raise
     finally:
@@ -141,7 +161,9 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
     _set_trainable(model, spec, phase)
     jit = _jit_for(spec, phase, rt, state)
     with rt.strategy.scope():
-        optimizer = _make_optimizer(spec.train.optimizer, phase.learning_rate, rt.precision)
+        optimizer = _make_optimizer(
+            spec.train.optimizer, phase.learning_rate, rt.precision
+        )
         optimizer.build(model.trainable_variables)
     if arrays is not None:
         same_phase = state.optimizer_phase == state.phase_index
@@ -172,7 +194,11 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
         bar = keras.utils.Progbar(steps, verbose=_progbar_verbosity())
         bar.update(state.step)
         while state.step < steps:
-            n = min(spec.train.steps_per_execution, steps - state.step, every - state.global_step % every)
+            n = min(
+                spec.train.steps_per_execution,
+                steps - state.step,
+                every - state.global_step % every,
+            )
             try:
                 sums = _numpy(step_fn(iterator, tf.constant(n)))
             except tf.errors.OutOfRangeError:
@@ -180,14 +206,21 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
                     raise
                 # With data.on_corrupt = "skip", undecodable images are dropped
                 # inside tf.data, so the epoch can be short of batches.
-                log.warning("epoch ended %d steps early: records were skipped", steps - state.step)
-                print(f"\nwarning: epoch ended after {state.step} of {steps} steps "
-                      "(corrupt records skipped; see summary.json corrupt_records)")
+                log.warning(
+                    "epoch ended %d steps early: records were skipped",
+                    steps - state.step,
+                )
+                print(
+                    f"\nwarning: epoch ended after {state.step} of {steps} steps "
+                    "(corrupt records skipped; see summary.json corrupt_records)"
+                )
                 break
             if not _first_step_done:  # benchmarks/resume.py reads this line.
                 _first_step_done.append(time.time())
-                print(f"first step done after {time.time() - preemption.process_start_time():.1f}s "
-                      f"(global step {state.global_step + n})")
+                print(
+                    f"first step done after {time.time() - preemption.process_start_time():.1f}s "
+                    f"(global step {state.global_step + n})"
+                )
             _accumulate(state.train_sums, sums)
             state.step += n
             state.global_step += n
@@ -199,7 +232,9 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
                 )
             reason = watcher.reason()
             if reason:
-                print(f"\n{reason}: saving a checkpoint at step {state.global_step} and stopping")
+                print(
+                    f"\n{reason}: saving a checkpoint at step {state.global_step} and stopping"
+                )
                 _save(ckpt, model, optimizer, state, blocking=True)
                 raise preemption.Preempted(reason)
             if state.global_step % every == 0:
@@ -212,7 +247,12 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
             **_train_metrics(state.train_sums),
             **{k: v for k, v in val.items() if k != "confusion"},
         }
-        print(" - ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in record.items()))
+        print(
+            " - ".join(
+                f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                for k, v in record.items()
+            )
+        )
         state.history.append(record)
         state.confusion = np.asarray(val["confusion"]).tolist()
         logs.write(record, state.global_step, val.get("confusion"))
@@ -226,8 +266,10 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
         state.step = 0
         state.train_sums = {}
         if stop_early:
-            print(f"early stopping: {spec.train.monitor} did not improve for "
-                  f"{spec.train.early_stopping_patience} epochs")
+            print(
+                f"early stopping: {spec.train.monitor} did not improve for "
+                f"{spec.train.early_stopping_patience} epochs"
+            )
             break
         if state.epoch < phase.epochs:
             _save(ckpt, model, optimizer, state, metric=record[spec.train.monitor])
@@ -296,7 +338,11 @@ def _make_train_step(model, optimizer, spec, rt, jit: bool):
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         count = tf.cast(tf.shape(labels)[0], tf.float32)
-        return {"loss": tf.reduce_sum(loss), "correct": tf.reduce_sum(correct), "count": count}
+        return {
+            "loss": tf.reduce_sum(loss),
+            "correct": tf.reduce_sum(correct),
+            "count": count,
+        }
 
     replica_fn = tf.function(replica_step, jit_compile=jit) if jit else replica_step
 
@@ -325,7 +371,11 @@ def _make_eval_step(model, spec, rt):
         outputs = model(tf.cast(images, tf.float32), training=False)
         loss, correct, pred = _per_example(spec, labels, outputs)
         confusion = tf.math.confusion_matrix(
-            tf.cast(labels, tf.int32), pred, num_classes=num_classes, weights=weights, dtype=tf.float32
+            tf.cast(labels, tf.int32),
+            pred,
+            num_classes=num_classes,
+            weights=weights,
+            dtype=tf.float32,
         )
         return {
             "loss": tf.reduce_sum(loss * weights),
@@ -337,7 +387,10 @@ def _make_eval_step(model, spec, rt):
     @tf.function
     def eval_step(images, labels, weights):
         out = strategy.run(replica_step, args=(images, labels, weights))
-        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+        return {
+            k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for k, v in out.items()
+        }
 
     return eval_step
 
@@ -364,7 +417,9 @@ def _progbar_verbosity() -> int:
 
 
 def _numpy(tensors: dict[str, tf.Tensor]) -> dict[str, Any]:
-    return {k: (v.numpy() if v.shape.rank else float(v.numpy())) for k, v in tensors.items()}
+    return {
+        k: (v.numpy() if v.shape.rank else float(v.numpy())) for k, v in tensors.items()
+    }
 
 
 def _accumulate(total: dict[str, Any], sums: dict[str, Any]) -> None:
@@ -374,7 +429,10 @@ def _accumulate(total: dict[str, Any], sums: dict[str, Any]) -> None:
 
 def _train_metrics(sums: dict[str, float]) -> dict[str, float]:
     count = max(float(sums.get("count", 0.0)), 1.0)
-    return {"loss": float(sums.get("loss", 0.0)) / count, "accuracy": float(sums.get("correct", 0.0)) / count}
+    return {
+        "loss": float(sums.get("loss", 0.0)) / count,
+        "accuracy": float(sums.get("correct", 0.0)) / count,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -409,7 +467,11 @@ def _jit_for(spec, phase, rt, state) -> bool:
     if recorded is not None:
         return bool(recorded)
     value = spec.phase_jit(phase)
-    jit = models.jit_rule(phase.trainable_from, rt.device_type) if value == "auto" else bool(value)
+    jit = (
+        models.jit_rule(phase.trainable_from, rt.device_type)
+        if value == "auto"
+        else bool(value)
+    )
     state.runtime.setdefault("jit", {})[phase.name] = jit
     return jit
 
@@ -461,7 +523,9 @@ def _record_spec(spec, workdir, is_chief) -> None:
         old, new = first.shape_fingerprint(), spec.shape_fingerprint()
         changed = [k for k in new if old.get(k) != new.get(k)]
         if changed:
-            lines = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
+            lines = "; ".join(
+                f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in changed
+            )
             raise SpecChangedError(
                 f"cannot resume {workdir} with a different model shape ({lines}); "
                 "use a new --workdir, or restore the original values"
@@ -479,9 +543,13 @@ def _diff(a, b, prefix="") -> dict[str, tuple[Any, Any]]:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             out |= _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-    elif _named_list(a) and _named_list(b) and [x["name"] for x in a] == [x["name"] for x in b]:
+    elif (
+        _named_list(a)
+        and _named_list(b)
+        and [x["name"] for x in a] == [x["name"] for x in b]
+    ):
         # Phases: name the changed field, e.g. phases.transfer.learning_rate.
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             out |= _diff(x, y, f"{prefix}{x['name']}.")
     elif a != b:
         out[prefix.rstrip(".")] = (a, b)
@@ -489,7 +557,9 @@ def _diff(a, b, prefix="") -> dict[str, tuple[Any, Any]]:
 
 
 def _named_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(x, dict) and "name" in x for x in value)
+    return isinstance(value, list) and all(
+        isinstance(x, dict) and "name" in x for x in value
+    )
 
 
 def _completed_summary(workdir: str) -> dict | None:
@@ -502,9 +572,10 @@ def _completed_summary(workdir: str) -> dict | None:
 
 def _update_best(spec, state, value: float) -> bool:
     """Tracks the best monitored value; True when early stopping should fire."""
-    better = (
-        state.best_metric is None
-        or (value > state.best_metric if spec.train.monitor == "val_accuracy" else value < state.best_metric)
+    better = state.best_metric is None or (
+        value > state.best_metric
+        if spec.train.monitor == "val_accuracy"
+        else value < state.best_metric
     )
     if better:
         state.best_metric, state.best_step = value, state.global_step
@@ -523,7 +594,9 @@ def _metadata_url(spec, override, platform) -> str | None:
 
 
 def _print_final(summary: dict[str, Any], spec, workdir: str) -> None:
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float))
+    metrics = ", ".join(
+        f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float)
+    )
     best = summary["best"]
     note = ""
     if best.get(spec.train.monitor) is not None:
@@ -542,7 +615,11 @@ def _summary(spec, state, status, ckpt, metrics) -> dict[str, Any]:
         "phase": phase.name,
         "global_step": state.global_step,
         "last_durable_step": ckpt.last_durable_step,
-        "metrics": {k: v for k, v in metrics.items() if k not in ("phase", "epoch", "global_step")},
+        "metrics": {
+            k: v
+            for k, v in metrics.items()
+            if k not in ("phase", "epoch", "global_step")
+        },
         "best": {spec.train.monitor: state.best_metric, "global_step": state.best_step},
         "corrupt_records": input_pipeline.corrupt_records(),
         "history": state.history,
@@ -608,7 +685,15 @@ def _plot_confusion(confusion: list[list[float]], spec, workdir: str) -> None:
     for i in range(n):
         for j in range(n):
             color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=8)
+            ax.text(
+                j,
+                i,
+                str(matrix[i, j]),
+                ha="center",
+                va="center",
+                color=color,
+                fontsize=8,
+            )
     ax.set_xticks(range(n), names, rotation=90 if n > 12 else 0)
     ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
@@ -619,7 +704,9 @@ def _plot_confusion(confusion: list[list[float]], spec, workdir: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    storage.write_bytes(storage.join(workdir, "plots", "confusion_matrix.png"), buf.getvalue())
+    storage.write_bytes(
+        storage.join(workdir, "plots", "confusion_matrix.png"), buf.getvalue()
+    )
 
 
 def _plot(history: list[dict[str, Any]], workdir: str) -> None:
@@ -633,13 +720,19 @@ def _plot(history: list[dict[str, Any]], workdir: str) -> None:
 
     x = np.arange(1, len(history) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=False):
         ax.plot(x, [h[key] for h in history], marker="o", label=f"train {key}")
         ax.plot(x, [h[f"val_{key}"] for h in history], marker="o", label=f"val {key}")
-        starts = [i + 1 for i, h in enumerate(history) if i == 0 or h["phase"] != history[i - 1]["phase"]]
+        starts = [
+            i + 1
+            for i, h in enumerate(history)
+            if i == 0 or h["phase"] != history[i - 1]["phase"]
+        ]
         for s in starts:
             ax.axvline(s - 0.5, color="grey", linestyle=":")
-            ax.text(s - 0.4, ax.get_ylim()[1], history[s - 1]["phase"], va="top", fontsize=8)
+            ax.text(
+                s - 0.4, ax.get_ylim()[1], history[s - 1]["phase"], va="top", fontsize=8
+            )
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()
@@ -647,14 +740,18 @@ def _plot(history: list[dict[str, Any]], workdir: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    storage.write_bytes(storage.join(workdir, "plots", "training_curves.png"), buf.getvalue())
+    storage.write_bytes(
+        storage.join(workdir, "plots", "training_curves.png"), buf.getvalue()
+    )
 
 
 # ---------------------------------------------------------------------------
 # `trainer check`: the local CPU dry run
 
 
-def check(spec: config.JobSpec, workdir: str, *, dry_run_steps: int = 2) -> dict[str, Any]:
+def check(
+    spec: config.JobSpec, workdir: str, *, dry_run_steps: int = 2
+) -> dict[str, Any]:
     """Validates everything a real run needs, prints the plan, runs a few steps.
 
     Resolves the data globs, probes the workdir for write access, builds the
@@ -664,7 +761,9 @@ def check(spec: config.JobSpec, workdir: str, *, dry_run_steps: int = 2) -> dict
     Returns:
       The plan as a dict (also printed as a table).
     """
-    rt = runtime.setup(spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed)
+    rt = runtime.setup(
+        spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
+    )
     train_info = input_pipeline.split_info(spec, "train")
     val_info = input_pipeline.split_info(spec, "validation")
     storage.check_writable(workdir)
@@ -685,35 +784,49 @@ def check(spec: config.JobSpec, workdir: str, *, dry_run_steps: int = 2) -> dict
         "phases": [],
     }
     tiny_batch = 2 * rt.num_replicas
-    tiny = dataclasses.replace(spec, train=dataclasses.replace(spec.train, global_batch_size=tiny_batch))
+    tiny = dataclasses.replace(
+        spec, train=dataclasses.replace(spec.train, global_batch_size=tiny_batch)
+    )
     for phase in spec.phases:
         _set_trainable(model, spec, phase)
         counts = models.count_params(model)
         value = spec.phase_jit(phase)
-        jit = models.jit_rule(phase.trainable_from, rt.device_type) if value == "auto" else bool(value)
+        jit = (
+            models.jit_rule(phase.trainable_from, rt.device_type)
+            if value == "auto"
+            else bool(value)
+        )
         with rt.strategy.scope():
-            optimizer = _make_optimizer(spec.train.optimizer, phase.learning_rate, rt.precision)
+            optimizer = _make_optimizer(
+                spec.train.optimizer, phase.learning_rate, rt.precision
+            )
             optimizer.build(model.trainable_variables)
         slot_bytes = sum(int(np.prod(v.shape)) * 4 for v in optimizer.variables)
         dataset = rt.strategy.distribute_datasets_from_function(
-            lambda ctx: input_pipeline.train_dataset(tiny, epoch=0, input_context=ctx).take(
-                dry_run_steps * _local_replicas(ctx)
-            )
+            lambda ctx: input_pipeline.train_dataset(
+                tiny, epoch=0, input_context=ctx
+            ).take(dry_run_steps * _local_replicas(ctx))
         )
         start = time.perf_counter()
-        sums = _numpy(_make_train_step(model, optimizer, tiny, rt, jit)(iter(dataset), tf.constant(dry_run_steps)))
+        sums = _numpy(
+            _make_train_step(model, optimizer, tiny, rt, jit)(
+                iter(dataset), tf.constant(dry_run_steps)
+            )
+        )
         seconds = time.perf_counter() - start
         if not np.isfinite(sums["loss"]):
             raise RuntimeError(f"phase {phase.name!r}: non-finite loss in the dry run")
-        plan["phases"].append({
-            "name": phase.name,
-            "epochs": phase.epochs,
-            "trainable_from": phase.trainable_from,
-            "trainable_params": counts["trainable"],
-            "jit_compile": jit,
-            "checkpoint_bytes": weight_bytes + slot_bytes,
-            "dry_run": f"{dry_run_steps} steps of batch {tiny_batch} in {seconds:.1f}s, loss {sums['loss'] / sums['count']:.3f}",
-        })
+        plan["phases"].append(
+            {
+                "name": phase.name,
+                "epochs": phase.epochs,
+                "trainable_from": phase.trainable_from,
+                "trainable_params": counts["trainable"],
+                "jit_compile": jit,
+                "checkpoint_bytes": weight_bytes + slot_bytes,
+                "dry_run": f"{dry_run_steps} steps of batch {tiny_batch} in {seconds:.1f}s, loss {sums['loss'] / sums['count']:.3f}",
+            }
+        )
     _print_plan(plan)
     return plan
 
@@ -727,7 +840,11 @@ def _print_plan(plan: dict[str, Any]) -> None:
         print(f"phase {p['name']}:")
         for key, value in p.items():
             if key != "name":
-                shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+                shown = (
+                    f"{value:,}"
+                    if isinstance(value, int) and not isinstance(value, bool)
+                    else value
+                )
                 if key == "checkpoint_bytes":
                     shown = f"{value / 2**20:.1f} MiB"
                 print(f"  {key:<18}{shown}")

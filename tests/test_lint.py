@@ -1,0 +1,31 @@
+"""ruff check and ruff format --check over the code, as CI's gate for style."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUFF = shutil.which("ruff", path=str(pathlib.Path(sys.executable).parent)) or "ruff"
+
+
+def test_ruff_check():
+    proc = subprocess.run(
+        [RUFF, "check", "trainer", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format():
+    proc = subprocess.run(
+        [RUFF, "format", "--check", "trainer", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
