@@ -163,3 +163,18 @@ def test_mirrored_strategy_on_two_logical_cpus(digits, tmp_path):
     assert "mirrored x2" in proc.stdout
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == 4
+
+
+def test_deterministic_xla_conflict_is_explained(digits, tmp_path):
+    """Op determinism has no XLA MaxPool gradient: `check` says which key to change."""
+    proc = trainer(
+        "check",
+        *job_args(
+            digits,
+            str(tmp_path / "w"),
+            "--set=train.deterministic=true",
+            "--set=phases.finetune.trainable_from=all",
+            "--set=phases.finetune.jit_compile=true",
+        ),
+    )
+    assert_bad_input(proc, r"set phases.finetune.jit_compile = false")

@@ -133,6 +133,7 @@ def run(
         _print_final(summary, spec, workdir)
         return summary
     except tf.errors.OpError as e:
+        _explain_determinism(e, spec, state)
         # Reader errors cross tf.data as OpErrors; give back the DataError
         # (shard URL, offset, remedy) that caused one.
         input_pipeline.reraise_data_error(e)
@@ -286,6 +287,19 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
 # Steps
 
 
+def _explain_determinism(e: Exception, spec, state) -> None:
+    """Op determinism has no XLA kernel for some gradients: say which keys to change."""
+    if isinstance(e, tf.errors.UnimplementedError) and "deterministic" in str(e):
+        phase = spec.phases[min(state.phase_index, len(spec.phases) - 1)]
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "deterministic" in ln), first[0] if first else "")
+        raise ValueError(
+            f"train.deterministic = true cannot run phase {phase.name!r} with XLA "
+            f"({detail.strip()}); set phases.{phase.name}.jit_compile = false, or "
+            "train.deterministic = false"
+        ) from None
+
+
 def _set_trainable(model, spec, phase) -> None:
     try:
         models.set_trainable(model, spec.model.backbone, phase.trainable_from)
@@ -327,7 +341,12 @@ def _make_train_step(model, optimizer, spec, rt, jit: bool):
     strategy = rt.strategy
 
     def replica_step(images, labels):
-        with tf.GradientTape() as tape:
+        # Watch only what this phase trains. Keras' frozen layers keep their
+        # tf.Variables "trainable" underneath, so a default tape would record
+        # the whole backbone and put its backward pass into the graph (XLA then
+        # compiles it, and op determinism rejects its MaxPool gradient).
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in model.trainable_variables])
             outputs = model(tf.cast(images, tf.float32), training=True)
             loss, correct, _ = _per_example(spec, labels, outputs)
             # Sum over the replica's examples / the global batch: summed across
@@ -808,11 +827,12 @@ def check(
             ).take(dry_run_steps * _local_replicas(ctx))
         )
         start = time.perf_counter()
-        sums = _numpy(
-            _make_train_step(model, optimizer, tiny, rt, jit)(
-                iter(dataset), tf.constant(dry_run_steps)
-            )
-        )
+        step_fn = _make_train_step(model, optimizer, tiny, rt, jit)
+        try:
+            sums = _numpy(step_fn(iter(dataset), tf.constant(dry_run_steps)))
+        except tf.errors.OpError as e:
+            _explain_determinism(e, spec, TrainState(phase_index=spec.phases.index(phase)))
+            input_pipeline.reraise_data_error(e)
         seconds = time.perf_counter() - start
         if not np.isfinite(sums["loss"]):
             raise RuntimeError(f"phase {phase.name!r}: non-finite loss in the dry run")
