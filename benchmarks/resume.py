@@ -28,7 +28,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.checkpoint import start_emulator  # noqa: E402
+from tests.gcs_emulator import start_emulator  # noqa: E402
 
 
 def first_step(

@@ -29,3 +29,12 @@ def test_ruff_format():
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_benchmarks_import():
+    """Benchmarks are not run in CI; at least their imports must hold."""
+    import importlib
+
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        if path.stem != "__init__":
+            importlib.import_module(f"benchmarks.{path.stem}")

@@ -292,7 +292,9 @@ def _explain_determinism(e: Exception, spec, state) -> None:
     if isinstance(e, tf.errors.UnimplementedError) and "deterministic" in str(e):
         phase = spec.phases[min(state.phase_index, len(spec.phases) - 1)]
         first = str(e).strip().splitlines()
-        detail = next((ln for ln in first if "deterministic" in ln), first[0] if first else "")
+        detail = next(
+            (ln for ln in first if "deterministic" in ln), first[0] if first else ""
+        )
         raise ValueError(
             f"train.deterministic = true cannot run phase {phase.name!r} with XLA "
             f"({detail.strip()}); set phases.{phase.name}.jit_compile = false, or "
@@ -831,7 +833,9 @@ def check(
         try:
             sums = _numpy(step_fn(iter(dataset), tf.constant(dry_run_steps)))
         except tf.errors.OpError as e:
-            _explain_determinism(e, spec, TrainState(phase_index=spec.phases.index(phase)))
+            _explain_determinism(
+                e, spec, TrainState(phase_index=spec.phases.index(phase))
+            )
             input_pipeline.reraise_data_error(e)
         seconds = time.perf_counter() - start
         if not np.isfinite(sums["loss"]):
