@@ -29,7 +29,6 @@ from trainer import (
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75
 _first_step_done: list[float] = []  # Time of this process's first training step.
 
 
@@ -721,13 +720,7 @@ def _plot_confusion(confusion: list[list[float]], spec, workdir: str) -> None:
     ax.set_ylabel("true")
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     ax.set_title(f"validation, accuracy {accuracy:.3f}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(
-        storage.join(workdir, "plots", "confusion_matrix.png"), buf.getvalue()
-    )
+    _save_png(fig, storage.join(workdir, "plots", "confusion_matrix.png"))
 
 
 def _plot(history: list[dict[str, Any]], workdir: str) -> None:
@@ -757,13 +750,17 @@ def _plot(history: list[dict[str, Any]], workdir: str) -> None:
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()
+    _save_png(fig, storage.join(workdir, "plots", "training_curves.png"))
+
+
+def _save_png(fig, url: str) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    storage.write_bytes(
-        storage.join(workdir, "plots", "training_curves.png"), buf.getvalue()
-    )
+    storage.write_bytes(url, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------
