@@ -749,6 +749,8 @@ def _plot(history: list[dict[str, Any]], workdir: str) -> None:
             )
         ax.set_xlabel("epoch")
         ax.set_title(key)
+        if key == "loss":
+            ax.set_yscale("log")  # The first epoch's loss would flatten the rest.
         ax.legend()
     _save_png(fig, storage.join(workdir, "plots", "training_curves.png"))
 
