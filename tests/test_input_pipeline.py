@@ -454,5 +454,7 @@ def test_undecodable_image_bytes(tmp_path):
     with pytest.raises(DataError, match=r"image bytes could not be decoded"):
         _consume(make_spec(data, batch=7))
     input_pipeline.clear_cache()
+    input_pipeline.reset_corrupt_records()
     spec = make_spec(data, batch=7, on_corrupt="skip")
     assert len(batches(input_pipeline.train_dataset(spec, epoch=0))) == 3
+    assert input_pipeline.corrupt_records()["undecodable"] >= 1

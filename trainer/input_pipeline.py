@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
+import io
 import logging
 import math
 import os
@@ -484,6 +485,23 @@ def read_records(url: str, *, start: int = 0, verify: bool = True) -> Iterator[b
 # Record checks (in the reader threads: names shard and record on failure)
 
 
+def _decodes(data: bytes) -> bool:
+    """Whether Pillow decodes the image fully (skip mode only: it costs a decode).
+
+    Dropping undecodable images here, in the reader, counts them in
+    `corrupt_records()` and keeps every epoch's batch count exact; tf.data's
+    `ignore_errors` behind it only catches what Pillow accepts and TF does not.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return True
+    except Exception:  # Pillow raises many types for bad bytes.
+        return False
+
+
 class _Checker:
     """Validates a record as a tf.train.Example with the configured keys/labels."""
 
@@ -527,6 +545,9 @@ class _Checker:
                         "data.num_classes and data.label_offset"
                     )
                     reason = "bad_label"
+                elif self.skip and not _decodes(image.bytes_list.value[0]):
+                    problem = "holds image bytes that do not decode (truncated?)"
+                    reason = "undecodable"
                 else:
                     return image.bytes_list.value[0], value
         msg = f"{url}: record {index} {problem}"
