@@ -125,6 +125,12 @@ class JobSpec:
             self.train.jit_compile if phase.jit_compile is None else phase.jit_compile
         )
 
+    def class_names(self) -> list[str]:
+        """Display names of the classes: data.class_names, else "0", "1", ..."""
+        if self.data.class_names:
+            return list(self.data.class_names)
+        return [str(i) for i in range(max(self.data.num_classes, 2))]
+
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 

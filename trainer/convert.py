@@ -14,22 +14,15 @@ import math
 import struct
 from typing import Any, Iterable, Iterator, Sequence
 
-import google_crc32c
 import numpy as np
 import tqdm
 
 from trainer import storage
+from trainer.input_pipeline import MANIFEST, masked_crc32c
 
-MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 100 * 1024 * 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _FORMATS = {"JPEG": b"jpeg", "PNG": b"png"}
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC32C: rotate right by 15 and add a constant."""
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def frame_record(data: bytes) -> bytes:

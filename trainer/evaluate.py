@@ -55,7 +55,7 @@ def evaluate(workdir: str, data: str | None = None) -> dict[str, Any]:
         np.add.at(confusion, (labels.numpy()[keep], pred[keep]), 1)
     total = int(confusion.sum())
     accuracy = float(np.trace(confusion)) / max(total, 1)
-    names = _class_names(spec)
+    names = spec.class_names()
     print(f"{total} images from {spec.data.validation}: accuracy {accuracy:.4f}")
     print("confusion matrix (rows: true, columns: predicted):")
     width = max(len(n) for n in names) + 1
@@ -68,7 +68,7 @@ def evaluate(workdir: str, data: str | None = None) -> dict[str, Any]:
 def predict(workdir: str, urls: list[str]) -> list[dict[str, Any]]:
     """Top class and probability for each image file or URL."""
     spec, model = load_run(workdir)
-    names = _class_names(spec)
+    names = spec.class_names()
     size = spec.data.image_size
     results = []
     for url in urls:
@@ -97,9 +97,3 @@ def _classes(probs: np.ndarray, num_classes: int) -> np.ndarray:
     if num_classes == 1:
         return (probs.reshape(-1) > 0.5).astype(np.int64)
     return probs.argmax(axis=-1)
-
-
-def _class_names(spec: config.JobSpec) -> list[str]:
-    if spec.data.class_names:
-        return list(spec.data.class_names)
-    return [str(i) for i in range(max(spec.data.num_classes, 2))]

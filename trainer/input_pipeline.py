@@ -291,6 +291,7 @@ def steps_per_epoch(spec) -> int:
 
 
 def masked_crc32c(data) -> int:
+    """TFRecord's masked CRC32C: rotate right by 15 and add a constant."""
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 

@@ -486,14 +486,19 @@ def _jit_for(spec, phase, rt, state) -> bool:
     recorded = state.runtime.get("jit", {}).get(phase.name)
     if recorded is not None:
         return bool(recorded)
+    jit = _resolve_jit(spec, phase, rt.device_type)
+    state.runtime.setdefault("jit", {})[phase.name] = jit
+    return jit
+
+
+def _resolve_jit(spec, phase, device_type: str) -> bool:
+    """`jit_compile` for a phase: the spec's value, or the fixed `auto` rule."""
     value = spec.phase_jit(phase)
-    jit = (
-        models.jit_rule(phase.trainable_from, rt.device_type)
+    return (
+        models.jit_rule(phase.trainable_from, device_type)
         if value == "auto"
         else bool(value)
     )
-    state.runtime.setdefault("jit", {})[phase.name] = jit
-    return jit
 
 
 def _save(ckpt, model, optimizer, state, *, metric=None, blocking=False) -> None:
@@ -699,7 +704,7 @@ def _plot_confusion(confusion: list[list[float]], spec, workdir: str) -> None:
 
     matrix = np.asarray(confusion, dtype=np.int64)
     n = matrix.shape[0]
-    names = list(spec.data.class_names) or [str(i) for i in range(n)]
+    names = spec.class_names()
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n))
     ax.imshow(matrix, cmap="Blues")
     for i in range(n):
@@ -810,12 +815,7 @@ def check(
     for phase in spec.phases:
         _set_trainable(model, spec, phase)
         counts = models.count_params(model)
-        value = spec.phase_jit(phase)
-        jit = (
-            models.jit_rule(phase.trainable_from, rt.device_type)
-            if value == "auto"
-            else bool(value)
-        )
+        jit = _resolve_jit(spec, phase, rt.device_type)
         with rt.strategy.scope():
             optimizer = _make_optimizer(
                 spec.train.optimizer, phase.learning_rate, rt.precision
