@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import time
 
 import pytest
 
+from tests import gce_metadata
 from trainer import preemption
 from trainer.preemption import Preempted, PreemptionWatcher, parse_duration
 
@@ -82,46 +82,24 @@ def test_install_outside_main_thread_raises():
     assert "main thread" in str(errors[0].value)
 
 
-class MetadataHandler(http.server.BaseHTTPRequestHandler):
-    preempted = "FALSE"
-    requests = 0
-
-    def do_GET(self):
-        type(self).requests += 1
-        if self.headers.get("Metadata-Flavor") != "Google":
-            self.send_error(403)
-            return
-        body = self.preempted.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_metadata_poll_against_local_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MetadataHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/computeMetadata/v1/instance/preempted"
-    watcher = PreemptionWatcher(metadata_url=url, poll_seconds=0.05)
-    try:
-        assert watcher.start_metadata_poll()
-        deadline = time.monotonic() + 5
-        while MetadataHandler.requests < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert watcher.reason() is None  # "FALSE" is not preempted.
-        MetadataHandler.preempted = "TRUE"
-        while watcher.reason() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert watcher.reason() == "gce-preempted"
-        with pytest.raises(Preempted, match="gce-preempted"):
-            watcher.check()
-    finally:
-        watcher.uninstall()
-        server.shutdown()
-        server.server_close()
+    with gce_metadata.serve({"instance/preempted": "FALSE"}) as server:
+        url = f"{server.url}/instance/preempted"
+        watcher = PreemptionWatcher(metadata_url=url, poll_seconds=0.05)
+        try:
+            assert watcher.start_metadata_poll()
+            deadline = time.monotonic() + 5
+            while server.requests < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert watcher.reason() is None  # "FALSE" is not preempted.
+            server.values["instance/preempted"] = "TRUE"
+            while watcher.reason() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert watcher.reason() == "gce-preempted"
+            with pytest.raises(Preempted, match="gce-preempted"):
+                watcher.check()
+        finally:
+            watcher.uninstall()
 
 
 def test_metadata_auto_is_off_outside_gce():

@@ -345,7 +345,25 @@ def test_sigterm_saves_current_step_and_exits_75(gcs_bucket, digits_dir, tmp_pat
 # 3. A corrupt or missing newest checkpoint: warn, name the lost step, fall back
 
 
-def test_corrupt_newest_checkpoint_falls_back(gcs_bucket, digits_dir, tmp_path):
+def _flip_a_byte(bucket, folder: str) -> None:
+    blob = bucket.bucket.blob(f"{folder}arrays-00000.bin")
+    data = bytearray(blob.download_as_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.upload_from_string(bytes(data))
+
+
+def _delete_folder(bucket, folder: str) -> None:
+    assert bucket.delete_prefix(folder) > 0
+
+
+@pytest.mark.parametrize(
+    "damage, reported",
+    [(_flip_a_byte, "CRC32C"), (_delete_folder, "missing")],
+    ids=["corrupt_newest", "deleted_latest_target"],
+)
+def test_bad_newest_checkpoint_falls_back(
+    gcs_bucket, digits_dir, tmp_path, damage, reported
+):
     bucket = Bucket(gcs_bucket)
     url, prefix = workdir_in(gcs_bucket, "w")
     args = train_args(digits_dir, url)
@@ -357,39 +375,14 @@ def test_corrupt_newest_checkpoint_falls_back(gcs_bucket, digits_dir, tmp_path):
     older = sorted(s for s in bucket.folders(prefix) if s < newest)
     assert older, (newest, bucket.folders(prefix))
 
-    # Flip one byte of the newest checkpoint's array data.
-    blob = bucket.bucket.blob(f"{prefix}checkpoints/ckpt-{newest:09d}/arrays-00000.bin")
-    data = bytearray(blob.download_as_bytes())
-    data[len(data) // 2] ^= 0x01
-    blob.upload_from_string(bytes(data))
+    damage(bucket, f"{prefix}checkpoints/ckpt-{newest:09d}/")
 
     again = run_to_end(args, str(tmp_path))
     assert again.proc.returncode == 0, again.describe()
     out = again.output()
-    assert re.search(rf"checkpoint step {newest} .*CRC32C", out), out[-4000:]
+    assert re.search(rf"checkpoint step {newest} .*{reported}", out), out[-4000:]
     assert f"restored step {older[-1]} instead of step {newest}" in out, out[-4000:]
     assert f"resuming from step {older[-1]}" in again.stdout
-    assert summary(bucket, prefix)["global_step"] == TOTAL_STEPS
-
-
-def test_deleted_latest_target_falls_back(gcs_bucket, digits_dir, tmp_path):
-    bucket = Bucket(gcs_bucket)
-    url, prefix = workdir_in(gcs_bucket, "w")
-    args = train_args(digits_dir, url)
-    run, code, _ = _preempt_with_sigterm(
-        bucket, prefix, args, str(tmp_path), min_latest=4
-    )
-    assert code == 75, run.describe()
-    newest = bucket.latest(prefix)
-    older = sorted(s for s in bucket.folders(prefix) if s < newest)
-    assert older
-    assert bucket.delete_prefix(f"{prefix}checkpoints/ckpt-{newest:09d}/") > 0
-
-    again = run_to_end(args, str(tmp_path))
-    assert again.proc.returncode == 0, again.describe()
-    out = again.output()
-    assert re.search(rf"checkpoint step {newest} .*missing", out), out[-4000:]
-    assert f"restored step {older[-1]} instead of step {newest}" in out, out[-4000:]
     assert summary(bucket, prefix)["global_step"] == TOTAL_STEPS
 
 

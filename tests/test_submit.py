@@ -7,17 +7,16 @@ startup script runs for real in bash against a loopback metadata server.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import pathlib
 import shutil
 import stat
 import subprocess
-import threading
 
 import pytest
 
+from tests import gce_metadata
 from trainer import config, submit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -504,36 +503,10 @@ def test_failing_cli_raises(tmp_path, monkeypatch):
 # The GCE startup script, run for real against a loopback metadata server
 
 
-class _Metadata(http.server.BaseHTTPRequestHandler):
-    values: dict[str, str] = {}
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        prefix = "/computeMetadata/v1/"
-        key = self.path[len(prefix) :] if self.path.startswith(prefix) else None
-        if self.headers.get("Metadata-Flavor") != "Google" or key not in self.values:
-            self.send_response(404)
-            self.end_headers()
-            return
-        body = self.values[key].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def metadata_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with gce_metadata.serve() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
@@ -553,7 +526,7 @@ def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
         f"code=$(head -n1 {codes}); sed -i 1d {codes}; exit $code\n"
     )
     trainer.chmod(0o755)
-    _Metadata.values = {
+    metadata_server.values = {
         "instance/name": "vm-1",
         "instance/zone": "projects/123/zones/us-central1-a",
         **{
@@ -563,7 +536,7 @@ def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
     }
     env = {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "TRAINER_METADATA_URL": f"http://127.0.0.1:{metadata_server.server_port}/computeMetadata/v1",
+        "TRAINER_METADATA_URL": metadata_server.url,
         "TRAINER_HOME": str(tmp_path / "home"),
         "TRAINER_RETRY_SECONDS": "0",
     }
