@@ -178,3 +178,9 @@ def test_deterministic_xla_conflict_is_explained(digits, tmp_path):
         ),
     )
     assert_bad_input(proc, r"set phases.finetune.jit_compile = false")
+
+
+def test_unwritable_workdir_is_named(digits, gcs_server, tmp_path):
+    """A bucket that does not exist: exit 2 naming the workdir, nothing written."""
+    proc = trainer("check", *job_args(digits, "gs://no-such-bucket-here/run"))
+    assert_bad_input(proc, r"workdir gs://no-such-bucket-here/run is not writable")
