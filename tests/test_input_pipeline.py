@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tracemalloc
@@ -43,7 +44,6 @@ def _toml(v):
 @pytest.fixture(autouse=True)
 def _fresh_caches():
     input_pipeline.clear_cache()
-    input_pipeline.reset_corrupt_records()
     yield
     input_pipeline.clear_cache()
 
@@ -338,10 +338,19 @@ def test_bad_record_is_named(tmp_path, record, message):
 def test_skip_drops_and_counts_corrupt_records(tmp_path):
     data = _bad_dir(tmp_path, bad_record=_example(label=99))
     spec = make_spec(data, batch=7, on_corrupt="skip")
-    got = batches(input_pipeline.train_dataset(spec, epoch=0))
-    assert len(got) == 21 // 7
-    assert input_pipeline.corrupt_records()["bad_label"] >= 1
-    assert input_pipeline.corrupt_records()["total"] >= 1
+    tally = input_pipeline.CorruptTally()
+    for epoch in (0, 1):  # Each pass counts the bad record once.
+        got = batches(input_pipeline.train_dataset(spec, epoch=epoch, tally=tally))
+        assert len(got) == 21 // 7
+    batches(input_pipeline.eval_dataset(spec, tally=tally, pass_key=0))
+    # The tally goes through a checkpoint (JSON) and keeps counting exactly.
+    resumed = input_pipeline.CorruptTally(json.loads(json.dumps(tally.entries())))
+    batches(input_pipeline.train_dataset(spec, epoch=1, tally=resumed))
+    assert resumed.summary()["train"] == {
+        "skipped": 2,
+        "records": 1,
+        "reasons": {"bad_label": 2},
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -454,7 +463,7 @@ def test_undecodable_image_bytes(tmp_path):
     with pytest.raises(DataError, match=r"image bytes could not be decoded"):
         _consume(make_spec(data, batch=7))
     input_pipeline.clear_cache()
-    input_pipeline.reset_corrupt_records()
     spec = make_spec(data, batch=7, on_corrupt="skip")
-    assert len(batches(input_pipeline.train_dataset(spec, epoch=0))) == 3
-    assert input_pipeline.corrupt_records()["undecodable"] >= 1
+    tally = input_pipeline.CorruptTally()
+    assert len(batches(input_pipeline.train_dataset(spec, epoch=0, tally=tally))) == 3
+    assert tally.summary()["train"]["reasons"] == {"undecodable": 1}

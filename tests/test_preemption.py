@@ -14,7 +14,7 @@ import pytest
 
 from tests import gce_metadata
 from trainer import preemption
-from trainer.preemption import Preempted, PreemptionWatcher, parse_duration
+from trainer.preemption import PreemptionWatcher, parse_duration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def test_second_sigint_raises_keyboard_interrupt():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     finally:
-        watcher.uninstall()
+        watcher.stop()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -82,31 +82,69 @@ def test_install_outside_main_thread_raises():
     assert "main thread" in str(errors[0].value)
 
 
-def test_metadata_poll_against_local_server():
+def test_metadata_watch_hangs_until_the_flip():
     with gce_metadata.serve({"instance/preempted": "FALSE"}) as server:
+        url = f"{server.url}/instance/preempted"
+        # A 60 s poll period: only a hanging GET can see the flip in time.
+        watcher = PreemptionWatcher(metadata_url=url, poll_seconds=60)
+        try:
+            assert watcher.start_metadata_watch()
+            deadline = time.monotonic() + 5
+            while server.hanging < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert server.hanging == 1
+            assert watcher.reason() is None  # "FALSE" is not preempted.
+            flipped = time.monotonic()
+            server.set("instance/preempted", "TRUE")
+            while watcher.reason() is None and time.monotonic() < flipped + 5:
+                time.sleep(0.01)
+            assert watcher.reason() == "gce-preempted"
+            assert time.monotonic() - flipped < 1.0
+            assert server.requests == 2  # One read, one hanging GET: no polling.
+        finally:
+            watcher.stop()
+
+
+def test_metadata_watch_sees_a_notice_given_before_it_started():
+    with gce_metadata.serve({"instance/preempted": "TRUE"}) as server:
+        watcher = PreemptionWatcher(
+            metadata_url=f"{server.url}/instance/preempted", poll_seconds=60
+        )
+        try:
+            watcher.start_metadata_watch()
+            deadline = time.monotonic() + 5
+            while watcher.reason() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert watcher.reason() == "gce-preempted"
+        finally:
+            watcher.stop()
+
+
+def test_metadata_watch_keeps_going_through_server_errors():
+    with gce_metadata.serve({}) as server:  # 404 until the key exists.
         url = f"{server.url}/instance/preempted"
         watcher = PreemptionWatcher(metadata_url=url, poll_seconds=0.05)
         try:
-            assert watcher.start_metadata_poll()
+            watcher.start_metadata_watch()
             deadline = time.monotonic() + 5
             while server.requests < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert watcher.reason() is None  # "FALSE" is not preempted.
-            server.values["instance/preempted"] = "TRUE"
+            assert server.requests >= 2 and watcher.reason() is None
+            server.set("instance/preempted", "TRUE")
             while watcher.reason() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert watcher.reason() == "gce-preempted"
-            with pytest.raises(Preempted, match="gce-preempted"):
-                watcher.check()
         finally:
-            watcher.uninstall()
+            watcher.stop()
 
 
-def test_metadata_auto_is_off_outside_gce():
-    if preemption.on_gce():
-        pytest.skip("running on GCE")
-    assert not PreemptionWatcher(metadata_url="auto").start_metadata_poll()
-    assert not PreemptionWatcher(metadata_url=None).start_metadata_poll()
+def test_metadata_url_auto_watches_on_gce_only():
+    assert preemption.metadata_url("auto", "gce") == preemption.GCE_PREEMPTED_URL
+    for platform in ("local", "vertex", "colab", "kaggle"):
+        assert preemption.metadata_url("auto", platform) is None
+    assert preemption.metadata_url("", "gce") is None
+    assert preemption.metadata_url("http://x/y", "local") == "http://x/y"
+    assert not PreemptionWatcher(metadata_url=None).start_metadata_watch()
 
 
 def test_deadline_fires_a_budget_early():
@@ -120,11 +158,16 @@ def test_deadline_fires_a_budget_early():
 
 def test_deadline_counts_from_process_start():
     started = preemption.process_start_time()
-    assert started <= time.time()
-    assert time.time() - started < 24 * 3600
-    assert PreemptionWatcher(deadline_seconds=1, budget_seconds=0).reason() in (
-        None,
-        "deadline",
+    age = time.time() - started
+    assert 0 < age < 24 * 3600
+    # This process has run for `age` seconds: a deadline a little shorter has
+    # passed, one an hour longer has not.
+    assert PreemptionWatcher(
+        deadline_seconds=age - 0.01, budget_seconds=0
+    ).reason() == ("deadline")
+    assert (
+        PreemptionWatcher(deadline_seconds=age + 3600, budget_seconds=0).reason()
+        is None
     )
 
 

@@ -199,7 +199,7 @@ def state_of(bucket: Bucket, prefix: str, step: int) -> dict:
 def load_export(bucket: Bucket, prefix: str, scratch: str):
     import keras
 
-    import trainer  # noqa: F401  (registers the custom objects)
+    import trainer.models  # noqa: F401  (registers the custom objects)
 
     path = os.path.join(tempfile.mkdtemp(dir=scratch), "model.keras")
     with open(path, "wb") as f:
@@ -520,7 +520,7 @@ def test_resnet50_xla_kill_9_mid_finetune_is_bit_exact(digits_dir, tmp_path):
 
     import keras
 
-    import trainer  # noqa: F401  (registers the preprocessing layer)
+    import trainer.models  # noqa: F401  (registers the preprocessing layer)
 
     wa = keras.saving.load_model(a / "export" / "model.keras").get_weights()
     wb = keras.saving.load_model(b / "export" / "model.keras").get_weights()

@@ -84,7 +84,7 @@ def test_exported_model_loads_in_safe_mode(digits, tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     import keras
 
-    import trainer as _  # noqa: F401  (registers the preprocessing layer)
+    from trainer import models  # noqa: F401  (registers the preprocessing layer)
 
     model = keras.saving.load_model(os.path.join(workdir, "export", "model.keras"))
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")

@@ -1,41 +1,27 @@
 """trainer: fine-tune pretrained Keras image backbones as preemption-proof jobs.
 
-Importing the package registers its Keras layers (the in-model preprocessing),
-so an exported `model.keras` loads with `keras.saving.load_model` in safe mode.
+Importing the package is cheap: it imports no TensorFlow, so the CLI answers a
+bad flag or job spec at once. `trainer.models` (imported by every command that
+builds or loads a model) registers the Keras layers of the in-model
+preprocessing; `import trainer.models` before `keras.saving.load_model` on an
+exported `model.keras` (safe mode). When Keras is already imported, `import
+trainer` registers them too.
 """
 
-import os as _os
+import importlib as _importlib
 import sys as _sys
 
+if "keras" in _sys.modules:
+    from trainer import models  # noqa: F401  (registers the Preprocess layer)
 
-def _import_tensorflow_quietly() -> None:
-    """Imports TensorFlow with its C++ start-up banner kept off stderr.
 
-    TensorFlow 2.21 logs oneDNN INFO lines before its logging is initialised,
-    so TF_CPP_MIN_LOG_LEVEL cannot filter them, and they would bury the one-line
-    error a user of the CLI needs. Python errors of the import still surface:
-    stderr is restored before they propagate. TF_CPP_MIN_LOG_LEVEL=0 keeps all.
-    """
-    if _os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or "tensorflow" in _sys.modules:
-        return
-    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def __getattr__(name: str):
+    """`trainer.models`, `trainer.train`, ... imported on first use."""
+    if name.startswith("_"):
+        raise AttributeError(name)
     try:
-        _sys.stderr.flush()
-        saved = _os.dup(2)
-    except (OSError, ValueError):  # No real stderr (some notebook hosts).
-        import tensorflow  # noqa: F401
-
-        return
-    devnull = _os.open(_os.devnull, _os.O_WRONLY)
-    try:
-        _os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        _os.dup2(saved, 2)
-        _os.close(saved)
-        _os.close(devnull)
-
-
-_import_tensorflow_quietly()
-
-from trainer import models  # noqa: E402,F401  (registers the Preprocess layer)
+        return _importlib.import_module(f"trainer.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"trainer.{name}":
+            raise  # A dependency of that module is missing: say so.
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}") from None

@@ -45,6 +45,7 @@ import google_crc32c
 import numpy as np
 
 from trainer import storage
+from trainer.errors import CheckpointError, FencedError
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,6 @@ _ALIGN = 64  # Bytes; keeps every array aligned for a zero-copy np.frombuffer.
 # local temp file + put_file 7.2 s; the shards' figures are in the benchmark.
 _SHARD_BYTES = 64 << 20
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or the checkpoint directory is in a state we cannot use."""
-
-
-class FencedError(CheckpointError):
-    """Another trainer claimed the workdir; this one must stop without writing."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -221,9 +214,12 @@ class CheckpointManager:
 
     def _read_owner(self) -> dict[str, Any] | None:
         try:
-            return json.loads(storage.read_bytes(self._url(OWNER)))
+            owner = json.loads(storage.read_bytes(self._url(OWNER)))
         except FileNotFoundError:
             return None
+        except ValueError:  # Not ours: whoever wrote it, it holds no token of ours.
+            return {"host": "?", "pid": "?", "started": "? (OWNER is not JSON)"}
+        return owner if isinstance(owner, dict) else {}
 
     def _fenced(self, step: int, other: dict[str, Any] | None = None) -> FencedError:
         if other is None:
@@ -236,6 +232,16 @@ class CheckpointManager:
             f"{me.get('pid')}, started {me.get('started')}) stops without committing "
             f"step {step}. The newer run owns the checkpoints now; let it continue."
         )
+
+    def _owns(self) -> bool:
+        """Whether OWNER still holds this trainer's token.
+
+        A rival's claim writes OWNER before it rewrites LATEST, so once LATEST
+        has moved under us, this tells a rival's claim from our own commit
+        whose response was lost.
+        """
+        current = self._read_owner()
+        return current is not None and current.get("token") == self._owner["token"]
 
     def _check_owner(self, step: int) -> None:
         """Fails fast before uploading when another trainer has claimed."""
@@ -255,11 +261,25 @@ class CheckpointManager:
             return None  # claim() on gs:// creates an empty LATEST to fence it.
         step = _parse_step(text)
         if step is None:
+            folders = self._folder_steps()
+            newest = (
+                f"the newest checkpoint folder here is {checkpoint_name(folders[-1])}"
+                if folders
+                else "there is no checkpoint folder here"
+            )
             raise CheckpointError(
-                f"{self._url(LATEST)} holds {text[:80]!r}; expected a checkpoint "
-                "folder name such as ckpt-000000200"
+                f"{self._url(LATEST)} holds {text[:80]!r}, not a checkpoint folder "
+                f"name such as ckpt-000000200, so the last durable step is unknown "
+                f"({newest}). Write the name of the checkpoint to resume from into "
+                f"it, or delete {self.directory} to start the run over"
             )
         return step
+
+    @property
+    def committed_step(self) -> int | None:
+        """The newest step LATEST names that this manager committed, restored
+        or found at `claim`: where running again resumes."""
+        return self._floor
 
     @property
     def last_durable_step(self) -> int | None:
@@ -363,18 +383,22 @@ class CheckpointManager:
         if error is not None:
             raise error
 
-    def close(self) -> None:
-        """Drains the in-flight save (re-raising its failure); idempotent."""
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Drains the in-flight save; idempotent.
+
+        Args:
+          raise_errors: re-raise the save's failure (False while another error
+            is already on its way up: that one is logged instead).
+        """
         if self._closed:
             return
         self._closed = True
-        self.wait()
-
-    def __enter__(self) -> CheckpointManager:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+        try:
+            self.wait()
+        except Exception as e:
+            if raise_errors:
+                raise
+            log.warning("the checkpoint save in flight failed too: %s", e)
 
     def _background_save(
         self, step: int, arrays: dict[str, np.ndarray], state: bytes, metric
@@ -466,12 +490,7 @@ class CheckpointManager:
 
     def _put(self, url: str, data: bytes) -> dict[str, Any]:
         """Writes one file in one request; returns its size and CRC32C."""
-        if storage.is_local(url) or storage.protocol(url) != "gs":
-            storage.write_bytes(url, data)
-        else:
-            fs, path = storage.filesystem(url)
-            # gcsfs would switch to a resumable upload at `chunksize` (50 MiB).
-            fs.pipe_file(path, data, chunksize=len(data) + 1)
+        storage.write_bytes(url, data)
         return {"size": len(data), "crc32c": google_crc32c.value(data)}
 
     def _confirm(self, folder: str, files: Mapping[str, Mapping[str, Any]]) -> None:
@@ -510,7 +529,7 @@ class CheckpointManager:
         if self._gcs:
             try:
                 self._latest_generation = storage.write_if_generation(
-                    latest_url, text, self._latest_generation
+                    latest_url, text, self._latest_generation, landed=self._owns
                 )
             except storage.PreconditionFailed:
                 raise self._fenced(step) from None

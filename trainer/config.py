@@ -17,10 +17,12 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from trainer import errors
+
 JitCompile = Union[bool, Literal["auto"]]
 
 
-class SpecError(ValueError):
+class SpecError(errors.SpecError):
     """A job spec (file, TOML or overrides) is invalid; `problems` lists each."""
 
     def __init__(self, problems: list[str], source: str = "job spec"):
@@ -213,17 +215,17 @@ def _read_text(path: str) -> str:
             with fsspec.open(path, "rt") as f:
                 return f.read()
         except FileNotFoundError:
-            raise FileNotFoundError(f"job spec not found: {path}") from None
+            raise errors.NotFound(f"job spec not found: {path}") from None
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise errors.NotFound(
             f"job spec not found: {path} (pass --job=PATH to a TOML file, "
             "e.g. jobs/digits.toml)"
         ) from None
     except IsADirectoryError:
-        raise FileNotFoundError(
+        raise errors.NotFound(
             f"job spec {path} is a directory, not a TOML file"
         ) from None
 

@@ -18,6 +18,7 @@ import numpy as np
 import tqdm
 
 from trainer import storage
+from trainer.errors import DataError, NotFound, UsageError
 from trainer.input_pipeline import MANIFEST, masked_crc32c
 
 DEFAULT_SHARD_BYTES = 100 * 1024 * 1024
@@ -163,7 +164,7 @@ def convert_images(
     """
     _check_fraction(validation_fraction)
     if not storage.exists(images_dir) or not storage.isdir(images_dir):
-        raise FileNotFoundError(
+        raise NotFound(
             f"--images={images_dir}: no such folder; expected a folder with one "
             "subfolder of JPEG/PNG images per class"
         )
@@ -173,7 +174,7 @@ def convert_images(
         if not n.startswith(".") and storage.isdir(storage.join(images_dir, n))
     ]
     if not class_names:
-        raise ValueError(
+        raise DataError(
             f"--images={images_dir}: no class subfolders; expected one subfolder "
             "per class (e.g. cats/, dogs/) holding its JPEG/PNG images"
         )
@@ -190,7 +191,7 @@ def convert_images(
                 sizes.append(storage.size(url))
                 labels.append(label)
     if not files:
-        raise ValueError(
+        raise DataError(
             f"--images={images_dir}: no images (*.jpg, *.jpeg, *.png) in its class "
             f"subfolders {', '.join(class_names)}"
         )
@@ -210,7 +211,7 @@ def convert_images(
                         data = _encode_png(np.asarray(im.convert("RGB")))
                         fmt = b"png"
             except Exception as e:  # PIL raises many types for bad files.
-                raise ValueError(
+                raise DataError(
                     f"{files[i]}: not a readable JPEG/PNG image ({e}); remove or "
                     "replace the file and run convert again"
                 ) from None
@@ -244,7 +245,7 @@ class _Item:
 
 def _check_fraction(fraction: float) -> None:
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(
+        raise UsageError(
             f"--validation_fraction={fraction}: expected 0 <= fraction < 1"
         )
 
@@ -282,7 +283,7 @@ def _shard_bounds(
     if shards is None:
         shards = max(1, math.ceil(sum(est_sizes) / max(1, shard_bytes)))
     if shards <= 0:
-        raise ValueError(f"--shards={shards}: expected a positive number")
+        raise UsageError(f"--shards={shards}: expected a positive number")
     shards = max(1, min(shards, n)) if n else 1
     cum = np.concatenate([[0], np.cumsum(est_sizes, dtype=np.int64)])
     total = cum[-1]

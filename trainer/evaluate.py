@@ -7,11 +7,15 @@ import os
 import tempfile
 from typing import Any
 
-import keras
-import numpy as np
-import tensorflow as tf
+from trainer import backend
 
-from trainer import config, input_pipeline, models, storage  # noqa: F401  (models registers layers)
+tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from trainer import config, input_pipeline, models, storage  # noqa: E402,F401  (models registers layers)
+from trainer.errors import DataError, NotFound  # noqa: E402
 
 
 def load_run(workdir: str) -> tuple[config.JobSpec, keras.Model]:
@@ -23,11 +27,11 @@ def load_run(workdir: str) -> tuple[config.JobSpec, keras.Model]:
     job_url = storage.join(workdir, "job.json")
     model_url = storage.join(workdir, "export", "model.keras")
     if not storage.exists(job_url):
-        raise FileNotFoundError(
+        raise NotFound(
             f"{job_url} not found: is {workdir} the --workdir of a `trainer train` run?"
         )
     if not storage.exists(model_url):
-        raise FileNotFoundError(
+        raise NotFound(
             f"{model_url} not found: the run has not completed; run the same "
             "`trainer train` command again to finish it"
         )
@@ -73,13 +77,13 @@ def predict(workdir: str, urls: list[str]) -> list[dict[str, Any]]:
     results = []
     for url in urls:
         if not storage.exists(url):
-            raise FileNotFoundError(f"image not found: {url}")
+            raise NotFound(f"image not found: {url}")
         try:
             image = tf.io.decode_image(
                 storage.read_bytes(url), channels=3, expand_animations=False
             )
         except tf.errors.InvalidArgumentError:
-            raise ValueError(f"{url} is not a JPEG, PNG, GIF or BMP image") from None
+            raise DataError(f"{url} is not a JPEG, PNG, GIF or BMP image") from None
         image = tf.image.resize(tf.cast(image, tf.float32), (size, size))
         probs = model.predict_on_batch(image[None])[0]
         cls = int(_classes(probs[None], spec.data.num_classes)[0])

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -50,9 +51,11 @@ from typing import Any, Iterator
 
 import google_crc32c
 import numpy as np
-import tensorflow as tf
 
-from trainer import storage
+from trainer import backend, storage
+from trainer.errors import DataError, NotFound, PermissionDenied, StorageError
+
+tf = backend.import_tensorflow()
 
 MANIFEST = "manifest.json"
 COUNTS_CACHE = ".trainer-record-counts.json"
@@ -73,29 +76,10 @@ _HEADER = struct.Struct("<QI")
 _U32 = struct.Struct("<I")
 
 
-class DataError(ValueError):
-    """Bad training data: names the shard URL, offset or record, and the remedy."""
-
-
 # ---------------------------------------------------------------------------
 # Corrupt-record accounting (on_corrupt = "skip") and error reporting
 
-_corrupt_lock = threading.Lock()
-_corrupt: collections.Counter[str] = collections.Counter()
 _stats = {"max_buffer_bytes": 0}
-
-
-def corrupt_records() -> dict[str, int]:
-    """Corrupt records skipped in this process so far, by reason, and `total`."""
-    with _corrupt_lock:
-        out = dict(_corrupt)
-    out["total"] = sum(out.values())
-    return out
-
-
-def reset_corrupt_records() -> None:
-    with _corrupt_lock:
-        _corrupt.clear()
 
 
 def reader_stats() -> dict[str, int]:
@@ -103,9 +87,59 @@ def reader_stats() -> dict[str, int]:
     return dict(_stats)
 
 
-def _skip(reason: str, message: str) -> None:
-    with _corrupt_lock:
-        _corrupt[reason] += 1
+class CorruptTally:
+    """The records skipped as corrupt (data.on_corrupt = "skip") in one run.
+
+    Each bad record counts once per pass that reads it (a training epoch, a
+    validation pass), keyed by (split, pass, record id). The key makes the
+    count exact under read-ahead and resume: a record the reader saw before a
+    checkpoint and sees again after the resume is the same entry. The entries
+    go into every checkpoint, so a resumed run reports the whole run's total.
+
+    Args:
+      entries: `entries()` of a checkpoint, to continue from.
+    """
+
+    def __init__(self, entries=()):
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int, int], str] = {
+            (split, int(key), int(rid)): reason for split, key, rid, reason in entries
+        }
+
+    def recorder(self, split: str, pass_key: int):
+        """A `skipped(shard id, record index, reason)` callback for one pass."""
+
+        def skipped(gid: int, index: int, reason: str) -> None:
+            with self._lock:
+                self._seen[(split, pass_key, gid << _ID_SHIFT | index)] = reason
+
+        return skipped
+
+    def entries(self) -> list[list]:
+        """JSON-able [split, pass, record id, reason] rows, for a checkpoint."""
+        with self._lock:
+            return [[*key, reason] for key, reason in sorted(self._seen.items())]
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per split: records skipped (summed over passes), distinct records,
+        and the skips by reason."""
+        out: dict[str, dict[str, Any]] = {}
+        for split, _, rid, reason in self.entries():
+            entry = out.setdefault(
+                split, {"skipped": 0, "records": set(), "reasons": {}}
+            )
+            entry["skipped"] += 1
+            entry["records"].add(rid)
+            entry["reasons"][reason] = entry["reasons"].get(reason, 0) + 1
+        for entry in out.values():
+            entry["records"] = len(entry["records"])
+        return out
+
+
+def _skip(skipped, index: int, reason: str, message: str) -> None:
+    """Logs a skipped record and reports it to the run's tally (if any)."""
+    if skipped is not None:
+        skipped(index, reason)
     logging.warning("skipping corrupt data (data.on_corrupt = skip): %s", message)
 
 
@@ -113,19 +147,24 @@ def _fail(message: str) -> DataError:
     return DataError(message)
 
 
-def data_error_from(e: BaseException) -> DataError | None:
+def data_error_from(e: BaseException) -> DataError | StorageError | None:
     """The DataError behind a tf.data error (raised inside the reader), if any.
 
     Errors raised in a `from_generator` reach the consumer as
     `tf.errors.InvalidArgumentError` (or `UnknownError`) whose message holds the
     Python exception; decode failures in tf.data come as InvalidArgumentError.
     """
-    if isinstance(e, DataError):
+    if isinstance(e, (DataError, StorageError)):
         return e
     message = getattr(e, "message", None) or str(e)
-    match = re.search(r"DataError: (.*?)(?:\nTraceback|\n\n|$)", message, re.S)
+    match = re.search(
+        r"(DataError|NotFound|PermissionDenied): (.*?)(?:\nTraceback|\n\n|$)",
+        message,
+        re.S,
+    )
     if match:
-        return DataError(match.group(1).strip())
+        kind = {"NotFound": NotFound, "PermissionDenied": PermissionDenied}
+        return kind.get(match.group(1), DataError)(match.group(2).strip())
     if isinstance(e, tf.errors.InvalidArgumentError) and re.search(
         r"decode|image|Unknown image file format", message, re.I
     ):
@@ -164,7 +203,7 @@ def list_shards(pattern: str) -> list[str]:
         if storage.basename(u) not in (MANIFEST, COUNTS_CACHE)
     ]
     if not shards:
-        raise FileNotFoundError(
+        raise NotFound(
             f"no TFRecord shards match {pattern!r}; check the [data] URL glob, or "
             "run `trainer convert --out=DIR` to write shards there"
         )
@@ -384,12 +423,14 @@ def _iter_shard(
     verify: bool = True,
     on_corrupt: str = "error",
     block_size: int = BLOCK_SIZE,
+    skipped=None,
 ) -> Iterator[tuple[int, bytes]]:
     """Yields (record index, record bytes) of one shard from record `start` on.
 
     Reads `block_size` blocks; the buffer holds at most one block plus one
     record, whatever the shard size. Records before `start` are framed but
-    their CRCs are not computed.
+    their CRCs are not computed. In skip mode, `skipped(index, reason)` hears
+    of each record dropped.
     """
     f = _BlockFile(url, 0, block_size)
     buf = b""
@@ -430,7 +471,7 @@ def _iter_shard(
                         f"byte offset {base + pos} (record {index}); {_REMEDY}"
                     )
                     if skip_mode:
-                        _skip("truncated", msg)
+                        _skip(skipped, index, "truncated", msg)
                         return
                     raise _fail(msg)
                 return
@@ -444,7 +485,7 @@ def _iter_shard(
                         f"framed; {_REMEDY}"
                     )
                     if skip_mode:
-                        _skip("crc_mismatch", msg + " (rest of shard skipped)")
+                        _skip(skipped, index, "crc_mismatch", msg + " (rest skipped)")
                         return
                     raise _fail(msg)
             end = pos + 16 + length
@@ -454,7 +495,7 @@ def _iter_shard(
                     f"needs {16 + length} bytes, {len(buf) - pos} remain; {_REMEDY}"
                 )
                 if skip_mode:
-                    _skip("truncated", msg)
+                    _skip(skipped, index, "truncated", msg)
                     return
                 raise _fail(msg)
             if index >= start:
@@ -467,7 +508,7 @@ def _iter_shard(
                     )
                     if not skip_mode:
                         raise _fail(msg)
-                    _skip("crc_mismatch", msg)
+                    _skip(skipped, index, "crc_mismatch", msg)
                 else:
                     yield index, data
             pos += 16 + length
@@ -490,7 +531,7 @@ def _decodes(data: bytes) -> bool:
     """Whether Pillow decodes the image fully (skip mode only: it costs a decode).
 
     Dropping undecodable images here, in the reader, counts them in
-    `corrupt_records()` and keeps every epoch's batch count exact; tf.data's
+    the run's CorruptTally and keeps every epoch's batch count exact; tf.data's
     `ignore_errors` behind it only catches what Pillow accepts and TF does not.
     """
     from PIL import Image
@@ -516,7 +557,9 @@ class _Checker:
         self.classes = max(d.num_classes, 2)  # num_classes = 1 is binary 0/1.
         self.skip = d.on_corrupt == "skip"
 
-    def __call__(self, url: str, index: int, data: bytes) -> tuple[bytes, int] | None:
+    def __call__(
+        self, url: str, index: int, data: bytes, skipped=None
+    ) -> tuple[bytes, int] | None:
         """(image bytes, 0-based label) of a good record; None for a skipped one."""
         problem = reason = None
         try:
@@ -555,7 +598,7 @@ class _Checker:
         if reason != "bad_label":
             msg += f"; {_REMEDY}"
         if self.skip:
-            _skip(reason, msg)
+            _skip(skipped, index, reason, msg)
             return None
         raise _fail(msg)
 
@@ -569,9 +612,11 @@ class _Feed:
 
     _END = object()
 
-    def __init__(self, url, gid, start, checker, on_corrupt, stop, block_size):
+    def __init__(self, url, gid, start, checker, on_corrupt, stop, block_size, skip):
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         self.args = (url, gid, start, checker, on_corrupt, block_size)
+        # Skips of this shard, told to the pass's recorder with our shard id.
+        self.skipped = None if skip is None else functools.partial(skip, gid)
         self.stop = stop
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -593,11 +638,15 @@ class _Feed:
         size = 0
         try:
             for index, data in _iter_shard(
-                url, start=start, on_corrupt=on_corrupt, block_size=block_size
+                url,
+                start=start,
+                on_corrupt=on_corrupt,
+                block_size=block_size,
+                skipped=self.skipped,
             ):
                 label = -1
                 if checker is not None:
-                    checked = checker(url, index, data)
+                    checked = checker(url, index, data, self.skipped)
                     if checked is None:
                         continue
                     data, label = checked
@@ -661,6 +710,7 @@ def _stream(
     parallelism: int,
     stop: threading.Event,
     block_size: int = BLOCK_SIZE,
+    skip=None,
 ) -> Iterator[tuple[list[bytes], np.ndarray]]:
     """Chunks (records, meta) of the interleaved stream of `shards` from `start`.
 
@@ -670,7 +720,8 @@ def _stream(
 
     Shards go in groups of INTERLEAVE_CYCLE, interleaved record by record;
     whole groups before `start` are skipped without being opened. Up to
-    `parallelism` shard readers run ahead of the consumer.
+    `parallelism` shard readers run ahead of the consumer. `skip(shard id,
+    record index, reason)` hears of each record skipped as corrupt.
     """
     groups = [
         list(range(i, min(i + INTERLEAVE_CYCLE, len(shards))))
@@ -691,7 +742,7 @@ def _stream(
             if skip_to >= counts[i]:
                 continue  # Wholly before `start`: never opened.
             feeds[i] = _Feed(
-                shards[i], gids[i], skip_to, checker, on_corrupt, stop, block_size
+                shards[i], gids[i], skip_to, checker, on_corrupt, stop, block_size, skip
             )
 
     def refill(i: int) -> bool:
@@ -838,7 +889,7 @@ class _Chunks:
         self.it, self.pending = it, None
 
 
-def _train_records(spec, epoch: int, start: int, input_context):
+def _train_records(spec, epoch: int, start: int, input_context, tally=None):
     """Generator factory: (records, ids) chunks of a worker's epoch from `start`."""
     info = split_info(spec, "train")
     workers, worker, _ = _workers(input_context)
@@ -859,6 +910,7 @@ def _train_records(spec, epoch: int, start: int, input_context):
     checker = _Checker(spec)
     on_corrupt = spec.data.on_corrupt
     parallelism = _parallelism(spec)
+    skip = None if tally is None else tally.recorder("train", epoch)
 
     def chunks_of_epoch(outer: threading.Event):
         # A worker whose shards hold fewer records than the epoch needs from it
@@ -881,6 +933,7 @@ def _train_records(spec, epoch: int, start: int, input_context):
                         on_corrupt=on_corrupt,
                         parallelism=parallelism,
                         stop=stop,
+                        skip=skip,
                     )
                     chunks = _Chunks(_strided(raw, 0, stride))
                 datas, ids = _rechunk(chunks, we - ws)
@@ -972,8 +1025,15 @@ def _resize(image, size: int):
     )
 
 
-def _decode_fn(spec, *, epoch: int | None):
-    """Decode, resize and (when `epoch` is given) augment one record."""
+def _decode_fn(spec, *, epoch: int | None, weighted: bool = False):
+    """Decode, resize and (when `epoch` is given) augment one record.
+
+    With `weighted`, also returns the example weight 1.0 (evaluation pads its
+    last batch with weight 0.0). It is added here rather than by a second map:
+    tf.data's map fusion would fuse that map into this parallel one as a
+    sequential MapDataset (decoding on one core), logging an error-looking
+    "NodeDef mentions attribute use_unbounded_threadpool" line as it does.
+    """
     size = spec.data.image_size
     mode = spec.data.augment if epoch is not None else "none"
     base = None
@@ -993,7 +1053,10 @@ def _decode_fn(spec, *, epoch: int | None):
                 image = _resize(image, size)
             if mode in ("flip", "flip_crop"):
                 image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-        return tf.ensure_shape(image, [size, size, 3]), label
+        image = tf.ensure_shape(image, [size, size, 3])
+        if weighted:
+            return image, label, tf.constant(1.0)
+        return image, label
 
     return decode
 
@@ -1030,11 +1093,13 @@ def _records_dataset(gen) -> tf.data.Dataset:
     )
 
 
-def _decoded(spec, records: tf.data.Dataset, epoch: int | None) -> tf.data.Dataset:
+def _decoded(
+    spec, records: tf.data.Dataset, epoch: int | None, weighted: bool = False
+) -> tf.data.Dataset:
     # The reader threads already parsed each tf.train.Example (to check it and
     # name the record when it is bad), so image bytes and labels arrive here.
     ds = records.unbatch().map(
-        _decode_fn(spec, epoch=epoch),
+        _decode_fn(spec, epoch=epoch, weighted=weighted),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -1057,6 +1122,7 @@ def train_dataset(
     epoch: int,
     start_step: int = 0,
     input_context: tf.distribute.InputContext | None = None,
+    tally: CorruptTally | None = None,
 ) -> tf.data.Dataset:
     """One epoch of training batches from `start_step` on.
 
@@ -1066,6 +1132,7 @@ def train_dataset(
         `train.seed` it fixes the order and the augmentation.
       start_step: the global step within the epoch to start at.
       input_context: from `strategy.distribute_datasets_from_function`.
+      tally: where records skipped as corrupt are counted (pass: `epoch`).
 
     Returns:
       (images uint8 [B, S, S, 3], labels int32 [B]) batches, B the per-replica
@@ -1080,20 +1147,25 @@ def train_dataset(
     workers, _, local = _workers(input_context)
     batch = _per_replica(input_context, spec.train.global_batch_size)
     start = start_step * local * batch  # Records this worker already gave.
-    gen = _train_records(spec, epoch, start, input_context)
+    gen = _train_records(spec, epoch, start, input_context, tally)
     ds = _decoded(spec, _records_dataset(gen), epoch)
     ds = ds.batch(batch, drop_remainder=True).take((steps - start_step) * local)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(
-    spec, *, input_context: tf.distribute.InputContext | None = None
+    spec,
+    *,
+    input_context: tf.distribute.InputContext | None = None,
+    tally: CorruptTally | None = None,
+    pass_key: int = 0,
 ) -> tf.data.Dataset:
     """The validation split: (images uint8, labels int32, weights float32) batches.
 
     Not augmented, in a fixed order. Every batch has the same shape: the last
     is padded with zero images of weight 0.0, and every worker yields the same
-    number of batches.
+    number of batches. Records skipped as corrupt are counted in `tally`
+    under `pass_key` (the run's epoch counter: one validation pass each).
     """
     info = split_info(spec, "validation")
     workers, worker, local = _workers(input_context)
@@ -1122,6 +1194,7 @@ def eval_dataset(
             on_corrupt=spec.data.on_corrupt,
             parallelism=parallelism,
             stop=stop,
+            skip=None if tally is None else tally.recorder("validation", pass_key),
         )
         try:
             for datas, meta in _strided(raw, 0, stride):
@@ -1130,14 +1203,34 @@ def eval_dataset(
         finally:
             stop.set()
 
-    ds = _decoded(spec, _records_dataset(gen), None)
-    ds = ds.map(lambda image, label: (image, label, tf.constant(1.0)))
+    ds = _decoded(spec, _records_dataset(gen), None, weighted=True).batch(batch)
+    # Padding whole batches, not records: a concatenate right behind the
+    # parallel decode makes op determinism rewrite that decode into a
+    # sequential MapDataset (one core, and an "E0000 NodeDef mentions
+    # attribute use_unbounded_threadpool" line on stderr).
     size = spec.data.image_size
-    pad = tf.data.Dataset.from_tensors(
-        (tf.zeros([size, size, 3], tf.uint8), tf.constant(0), tf.constant(0.0))
+    zeros = tf.data.Dataset.from_tensors(
+        (
+            tf.zeros([batch, size, size, 3], tf.uint8),
+            tf.zeros([batch], tf.int32),
+            tf.zeros([batch], tf.float32),
+        )
     ).repeat()
-    ds = ds.concatenate(pad).batch(batch, drop_remainder=True)
+    ds = ds.map(functools.partial(_pad_batch, batch=batch)).concatenate(zeros)
     return ds.take(steps * local).prefetch(tf.data.AUTOTUNE)
+
+
+def _pad_batch(images, labels, weights, *, batch: int):
+    """Pads a short last batch to `batch` with zero images of weight 0.0."""
+    missing = batch - tf.shape(labels)[0]
+    images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
+    labels = tf.pad(labels, [[0, missing]])
+    weights = tf.pad(weights, [[0, missing]])
+    return (
+        tf.ensure_shape(images, [batch, *images.shape[1:]]),
+        tf.ensure_shape(labels, [batch]),
+        tf.ensure_shape(weights, [batch]),
+    )
 
 
 def clear_cache() -> None:

@@ -11,6 +11,8 @@ import sys
 
 from absl import app, flags, logging
 
+from trainer.errors import TrainerError, UsageError
+
 COMMANDS = ("train", "check", "layers", "convert", "evaluate", "predict", "submit")
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
@@ -168,10 +170,6 @@ def _usage() -> str:
     )
 
 
-class UsageError(ValueError):
-    """Bad command line: exit 2 with the message."""
-
-
 def _require(name: str) -> str:
     value = getattr(FLAGS, name)
     if not value:
@@ -281,55 +279,31 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _is_bad_input(e: BaseException) -> bool:
-    """Whether `e` means bad input (exit 2) rather than a bug (exit 1).
-
-    Our own input errors are ValueError / FileNotFoundError / PermissionError
-    subclasses raised by trainer code; the same types raised deep inside
-    TensorFlow or Keras are bugs until shown otherwise, so they keep their
-    traceback.
-    """
-    if isinstance(e, UsageError):
-        return True
-    if not isinstance(e, (ValueError, FileNotFoundError, PermissionError)):
-        return False
-    tb = e.__traceback__
-    last = None
-    while tb is not None:
-        last = tb.tb_frame.f_code.co_filename
-        tb = tb.tb_next
-    return last is not None and os.path.dirname(os.path.abspath(last)) == _PACKAGE_DIR
-
-
-def _is_fenced(e: BaseException) -> bool:
-    """Another trainer took the workdir over: this one must stop (exit 2)."""
-    checkpoint = sys.modules.get("trainer.checkpoint")
-    return checkpoint is not None and isinstance(e, checkpoint.FencedError)
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
 def _entry(argv: list[str]) -> None:
+    """Runs `main` and maps its outcome to design.md's exit codes, by type.
+
+    TrainerError (bad input, a state the user must fix): exit 2, one line.
+    Preempted (signal, GCE notice or deadline, after a durable checkpoint): 75.
+    Anything else is a bug: exit 1 with its traceback.
+    """
     try:
         code = main(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    except Exception as e:  # Mapped to the exit codes of design.md.
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except Exception as e:
         preemption = sys.modules.get("trainer.preemption")
-        if preemption is not None and isinstance(e, preemption.Preempted):
-            print(
-                f"stopped ({e}) after a durable checkpoint: run the same command "
-                "again to resume",
-                file=sys.stderr,
-            )
-            code = EXIT_PREEMPTED
-        elif _is_bad_input(e) or _is_fenced(e):
-            print(f"error: {e}", file=sys.stderr)
-            code = EXIT_BAD_INPUT
-        else:
+        if preemption is None or not isinstance(e, preemption.Preempted):
             raise
+        print(
+            f"stopped ({e}) after a durable checkpoint: run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        code = EXIT_PREEMPTED
     sys.stdout.flush()
     sys.exit(code)
 

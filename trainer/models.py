@@ -9,11 +9,16 @@ import re
 import tempfile
 from typing import Any, Callable
 
-import keras
-import numpy as np
-from keras import ops
+from trainer import backend
 
-from trainer import config, storage
+backend.import_tensorflow()  # Before Keras: it imports TensorFlow, banner and all.
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+from trainer import config, storage  # noqa: E402
+from trainer.errors import SpecError, WeightsError  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Backbone table
@@ -300,7 +305,7 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[name]
     close = difflib.get_close_matches(name.lower(), BACKBONES, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(
+    raise SpecError(
         f"model.backbone: received {name!r}{hint} (choices: {', '.join(BACKBONES)})"
     )
 
@@ -363,10 +368,6 @@ class Preprocess(keras.layers.Layer):
 
 # ---------------------------------------------------------------------------
 # Pretrained weights
-
-
-class WeightsError(ValueError):
-    """Pretrained weights could not be found or do not fit the backbone."""
 
 
 NO_DOWNLOAD_ENV = "TRAINER_WEIGHTS_NO_DOWNLOAD"
@@ -545,7 +546,7 @@ def build_backbone(name: str, image_size: int) -> keras.Model:
     """
     entry = get_backbone(name)
     if image_size < entry.min_size:
-        raise ValueError(
+        raise SpecError(
             f"data.image_size: received {image_size}; backbone {name!r} needs at "
             f"least {entry.min_size} (its smallest accepted input side)"
         )
@@ -704,7 +705,7 @@ def resolve_layer_name(
         trainable_from, [*names, *aliases], n=5, cutoff=0.5
     )
     hint = f"; closest: {', '.join(close)}" if close else ""
-    raise ValueError(
+    raise SpecError(
         f"trainable_from: received {trainable_from!r}, which is not a layer, alias "
         f'or stage of backbone {backbone_name!r}{hint}. Expected "none", "all" '
         f"or a layer name: run `trainer layers --backbone={backbone_name}`"

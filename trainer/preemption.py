@@ -14,7 +14,11 @@ import re
 import signal
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
+
+from trainer.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ def parse_duration(text: str) -> float:
         hours, minutes, seconds = (float(match.group(g) or 0) for g in "hms")
         total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
-        raise ValueError(
+        raise UsageError(
             f"duration: received {text!r}; expected a positive duration in hours, "
             "minutes and/or seconds with units, largest first, e.g. "
             '"11h30m", "45m", "90s", "1h", "1h5m30s"'
@@ -55,15 +59,18 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def on_gce() -> bool:
-    """True on a Google Compute Engine VM (no network call, never hangs)."""
-    if os.environ.get("GCE_METADATA_HOST"):
-        return True
-    try:
-        with open("/sys/class/dmi/id/product_name", encoding="utf-8") as f:
-            return "Google" in f.read()
-    except OSError:
-        return False
+def metadata_url(value: str | None, platform: str) -> str | None:
+    """The `instance/preempted` URL to watch for `train.preemption_metadata_url`.
+
+    Args:
+      value: the spec's value: "auto", a URL, or ""/None for no watch.
+      platform: `runtime.detect_platform()`; "auto" watches only on "gce"
+        (Vertex AI and Colab VMs are GCE underneath, but their platforms stop
+        the job themselves and their metadata is not the job's own VM's).
+    """
+    if value == "auto":
+        return GCE_PREEMPTED_URL if platform == "gce" else None
+    return value or None
 
 
 def process_start_time() -> float:
@@ -83,14 +90,20 @@ def process_start_time() -> float:
 class PreemptionWatcher:
     """Tells the training loop when to save and stop.
 
+    `start()` installs the signal handlers and starts watching the GCE
+    metadata flag; `stop()` undoes both. The loop asks `reason()` after each
+    step.
+
     Args:
       deadline_seconds: the session's length from `started_at` (`--deadline`);
         None for no deadline.
       budget_seconds: the time a synchronous save needs. The deadline fires
         this much early, so the save completes before the session ends.
-      metadata_url: the GCE metadata `instance/preempted` URL to poll; "auto"
-        polls the real one only on GCE; None or "" polls nothing.
-      poll_seconds: the metadata polling period.
+      metadata_url: the GCE metadata `instance/preempted` URL to watch (see
+        `metadata_url()`); None watches nothing.
+      poll_seconds: the pause between metadata requests when the server does
+        not hang (an old or stand-in server) or errs.
+      hang_seconds: how long one `wait_for_change` request may hang.
       started_at: `time.time()` the deadline counts from; default: the start
         of this process.
     """
@@ -102,6 +115,7 @@ class PreemptionWatcher:
         budget_seconds: float = 25.0,
         metadata_url: str | None = None,
         poll_seconds: float = 5.0,
+        hang_seconds: float = 60.0,
         started_at: float | None = None,
     ):
         if deadline_seconds is not None and deadline_seconds <= 0:
@@ -116,11 +130,29 @@ class PreemptionWatcher:
         self.budget_seconds = budget_seconds
         self.metadata_url = metadata_url
         self.poll_seconds = poll_seconds
+        self.hang_seconds = hang_seconds
         self.started_at = process_start_time() if started_at is None else started_at
         self._reason: str | None = None
         self._previous: dict[int, object] = {}
         self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Installs the signal handlers and starts the metadata watch (if any)."""
+        self.install()
+        self.start_metadata_watch()
+
+    def stop(self) -> None:
+        """Restores the previous signal handlers and ends the metadata watch."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        self._stop.set()
+        if self._watcher is not None:
+            # The thread is a daemon blocked in a request at worst: don't wait
+            # out a hanging GET, it ends with the process.
+            self._watcher.join(timeout=0.5)
+            self._watcher = None
 
     # -- signals -------------------------------------------------------------
 
@@ -139,16 +171,6 @@ class PreemptionWatcher:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
-    def uninstall(self) -> None:
-        """Restores the previous handlers and stops the metadata poll."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-        self._stop.set()
-        if self._poller is not None:
-            self._poller.join(timeout=self.poll_seconds + 5)
-            self._poller = None
-
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and self._reason == "SIGINT":
@@ -166,37 +188,66 @@ class PreemptionWatcher:
 
     # -- metadata server -------------------------------------------------------
 
-    def start_metadata_poll(self) -> bool:
-        """Starts polling the GCE metadata `preempted` flag in a daemon thread.
+    def start_metadata_watch(self) -> bool:
+        """Starts watching the metadata `preempted` flag in a daemon thread.
 
         Returns:
-          True when polling started (a URL is set, or "auto" on GCE).
+          True when a watch started (a URL is set and none runs yet).
         """
-        url = self.metadata_url
-        if url == "auto":
-            url = GCE_PREEMPTED_URL if on_gce() else None
-        if not url or self._poller is not None:
+        if not self.metadata_url or self._watcher is not None:
             return False
         self._stop.clear()
-        self._poller = threading.Thread(
-            target=self._poll, args=(url,), name="preemption-poll", daemon=True
+        self._watcher = threading.Thread(
+            target=self._watch, name="preemption-watch", daemon=True
         )
-        self._poller.start()
+        self._watcher.start()
         return True
 
-    def _poll(self, url: str) -> None:
-        request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    def _watch(self) -> None:
+        """Hanging GETs on the flag, so the notice is seen the moment it flips.
+
+        The metadata server's documented pattern: read the value and its ETag,
+        then `?wait_for_change=true&last_etag=ETAG`, which answers when the
+        value differs from that ETag's (at once if it already does) or after
+        `timeout_sec`. A server that answers at once without a change, or errs,
+        is polled every `poll_seconds` instead.
+        """
+        etag = None
+        failures = 0
         while not self._stop.is_set() and self._reason is None:
+            began = time.monotonic()
             try:
-                with urllib.request.urlopen(request, timeout=2.0) as response:
-                    body = response.read(64).decode("utf-8", "replace").strip()
-                if body.upper() == "TRUE":
-                    self._reason = self._reason or "gce-preempted"
-                    log.warning("GCE reports this VM preempted: saving and stopping")
-                    return
-            except OSError as e:  # Network hiccups: keep polling.
-                log.debug("metadata poll of %s failed: %s", url, e)
-            self._stop.wait(self.poll_seconds)
+                body, new_etag = self._get(etag)
+            except (OSError, urllib.error.URLError) as e:
+                failures += 1
+                log.debug("metadata watch of %s failed: %s", self.metadata_url, e)
+                self._stop.wait(min(self.poll_seconds * failures, 60.0))
+                continue
+            failures = 0
+            if body.upper() == "TRUE":
+                self._reason = self._reason or "gce-preempted"
+                log.warning("GCE reports this VM preempted: saving and stopping")
+                return
+            unchanged = new_etag is None or new_etag == etag
+            etag = new_etag
+            if unchanged and time.monotonic() - began < 1.0:
+                self._stop.wait(self.poll_seconds)  # The server did not hang.
+
+    def _get(self, etag: str | None) -> tuple[str, str | None]:
+        url = self.metadata_url
+        timeout = 5.0
+        if etag is not None:
+            hang = max(1, int(self.hang_seconds))
+            sep = "&" if "?" in url else "?"
+            url += (
+                f"{sep}wait_for_change=true&timeout_sec={hang}"
+                f"&last_etag={urllib.parse.quote(etag)}"
+            )
+            timeout += hang
+        request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read(64).decode("utf-8", "replace").strip()
+            return body, response.headers.get("ETag")
 
     # -- the loop's question -----------------------------------------------------
 
@@ -220,17 +271,3 @@ class PreemptionWatcher:
                     self.budget_seconds,
                 )
         return self._reason
-
-    def check(self) -> None:
-        """Raises Preempted(reason) when the run must stop."""
-        reason = self.reason()
-        if reason is not None:
-            raise Preempted(reason)
-
-    def __enter__(self) -> PreemptionWatcher:
-        self.install()
-        self.start_metadata_poll()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.uninstall()

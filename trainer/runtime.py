@@ -9,6 +9,7 @@ import os
 import sys
 
 from trainer import config
+from trainer.errors import SetupError, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,17 @@ def detect_platform(environ: dict[str, str] | None = None) -> str:
         return "colab"
     if env.get("TRAINER_PLATFORM"):
         return env["TRAINER_PLATFORM"]
-    if environ is None and _dmi_says_google():
+    if environ is None and on_gce():
         return "gce"
     return "local"
 
 
-def _dmi_says_google() -> bool:
+def on_gce() -> bool:
+    """True on a Google Compute Engine VM, from its DMI product name.
+
+    A file read, no network call: it never hangs off GCE. (Vertex AI and Colab
+    run on GCE too, and are detected before this is asked.)
+    """
     try:
         with open("/sys/class/dmi/id/product_name", encoding="utf-8") as f:
             return "Google" in f.read()
@@ -83,7 +89,10 @@ def tf_config_workers(environ: dict[str, str] | None = None) -> int:
     try:
         cluster = json.loads(raw).get("cluster", {})
     except ValueError:
-        raise ValueError(f"TF_CONFIG is not valid JSON: {raw[:200]!r}") from None
+        raise SetupError(
+            f"TF_CONFIG is not valid JSON: {raw[:200]!r}; unset it for a "
+            "single-machine run, or fix the cluster description"
+        ) from None
     return sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
 
 
@@ -118,8 +127,10 @@ def setup(
     Must run before any other TensorFlow op: MultiWorkerMirroredStrategy and the
     TPU system can only be initialised on a fresh context.
     """
+    from trainer import backend
+
+    tf = backend.import_tensorflow()
     import keras
-    import tensorflow as tf
 
     if deterministic:
         # Same seeds and deterministic kernels: a resumed run then computes
@@ -197,7 +208,7 @@ def _make_strategy(tf, name: str):
         ), device_type
     if name == "cpu":
         return tf.distribute.get_strategy(), "cpu"
-    raise ValueError(f"runtime.strategy: unknown strategy {name!r}")
+    raise SpecError(f"runtime.strategy: unknown strategy {name!r}")
 
 
 def _gpus_have_tensor_cores(tf) -> bool:

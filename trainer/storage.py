@@ -8,12 +8,16 @@ here: plain local paths, `file://`, `gs://`, `s3://`, `memory://`, ...
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import posixpath
 import shutil
 import tempfile
-from typing import Any, Iterator
+import threading
+from typing import Any, Callable, Iterator, TypeVar
+
+from trainer.errors import NotFound, PermissionDenied, TrainerError
 
 if os.environ.get("STORAGE_EMULATOR_HOST"):
     # gcsfs reads these at import. Its experimental zonal/HNS probe goes over
@@ -22,6 +26,63 @@ if os.environ.get("STORAGE_EMULATOR_HOST"):
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec  # noqa: E402
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _is_forbidden(e: BaseException) -> bool:
+    """A refusal of the store (401/403), whichever client library raised it."""
+    if isinstance(e, PermissionError):
+        return True
+    # gcsfs raises a plain OSError("Forbidden: ...") for a 403.
+    if isinstance(e, OSError) and str(e).startswith(("Forbidden", "Unauthorized")):
+        return True
+    code = getattr(e, "code", None)  # google.api_core's exceptions carry it.
+    return type(e).__module__.startswith("google.") and code in (401, 403)
+
+
+def _explained(action: str) -> Callable[[_F], _F]:
+    """Turns a store's refusal or a missing file at `url` into our errors.
+
+    A refusal becomes PermissionDenied, which names the URL, what was refused
+    and the remedy; a missing file becomes NotFound (still a FileNotFoundError
+    for the callers that test for absence). Transient errors were already
+    retried by the client libraries; what remains of them propagates as is.
+    """
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def inner(url: str, *args, **kwargs):
+            try:
+                return fn(url, *args, **kwargs)
+            except TrainerError:
+                raise
+            except FileNotFoundError as e:
+                raise NotFound(f"{url} does not exist") from e
+            except Exception as e:
+                if not _is_forbidden(e):
+                    raise
+                raise PermissionDenied(_refusal(url, action, e)) from e
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+def _refusal(url: str, action: str, e: BaseException) -> str:
+    detail = " ".join(str(e).split())[:200]
+    where = url
+    if protocol(url) in ("gs", "gcs"):
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        where = f"gs://{bucket}"
+        remedy = (
+            f"give the account this runs as write access to {where} (e.g. "
+            "roles/storage.objectAdmin), and check that the bucket has no "
+            "retention policy or lock that forbids it"
+        )
+    else:
+        remedy = f"check the permissions of {where} for the user this runs as"
+    return f"the store refused to {action} {url} ({detail}); {remedy}"
 
 
 def protocol(url: str) -> str:
@@ -81,21 +142,25 @@ def _unstrip(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+@_explained("read")
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
 
 
+@_explained("read")
 def isdir(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.isdir(path)
 
 
+@_explained("read")
 def size(url: str) -> int:
     fs, path = filesystem(url)
     return int(fs.size(path))
 
 
+@_explained("list")
 def glob(pattern: str) -> list[str]:
     """Sorted URLs matching `pattern`, with the pattern's scheme kept."""
     fs, path = filesystem(pattern)
@@ -104,6 +169,7 @@ def glob(pattern: str) -> list[str]:
     return sorted(_unstrip(pattern, fs, p) for p in fs.glob(path) if not fs.isdir(p))
 
 
+@_explained("list")
 def listdir(url: str) -> list[str]:
     """Names (not URLs) directly under `url`; empty when it does not exist."""
     fs, path = filesystem(url)
@@ -114,11 +180,13 @@ def listdir(url: str) -> list[str]:
     return sorted(basename(e) for e in entries if basename(e))
 
 
+@_explained("create")
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)
 
 
+@_explained("delete")
 def rm(url: str, recursive: bool = False) -> None:
     """Removes a file or (with `recursive`) a tree; missing is not an error."""
     fs, path = filesystem(url)
@@ -140,6 +208,7 @@ def open_file(url: str, mode: str = "rb", **kwargs) -> Iterator[Any]:
         yield f
 
 
+@_explained("read")
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     return fs.cat_file(path)
@@ -153,6 +222,7 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
+@_explained("write")
 def write_bytes(url: str, data: bytes) -> None:
     """Writes `data` so that readers see the old file or the new, never half.
 
@@ -176,7 +246,13 @@ def write_bytes(url: str, data: bytes) -> None:
             raise
         return
     fs, path = filesystem(url)
-    fs.pipe_file(path, data)
+    if protocol(url) in ("gs", "gcs"):
+        # One request (a GCS "simple" upload): gcsfs would switch to a
+        # resumable upload at `chunksize` (50 MiB), with no gain for data that
+        # is already in memory and a request per part more to go wrong.
+        fs.pipe_file(path, data, chunksize=len(data) + 1)
+    else:
+        fs.pipe_file(path, data)
 
 
 def _umask() -> int:
@@ -195,6 +271,11 @@ def write_json(url: str, obj: Any) -> None:
 
 def put(local: str, url: str) -> None:
     """Copies a local file or folder to `url` (a no-op copy for local targets)."""
+    _put(url, local)
+
+
+@_explained("write")
+def _put(url: str, local: str) -> None:
     if is_local(url):
         dst = os.path.abspath(local_path(url))
         if os.path.abspath(local) == dst:
@@ -216,6 +297,7 @@ def put(local: str, url: str) -> None:
         fs.put_file(local, path)
 
 
+@_explained("read")
 def get(url: str, local: str) -> None:
     """Copies the file at `url` to the local path `local`."""
     os.makedirs(os.path.dirname(os.path.abspath(local)) or ".", exist_ok=True)
@@ -237,7 +319,7 @@ def check_writable(url: str) -> None:
         write_bytes(probe, b"ok")
         rm(probe)
     except Exception as e:  # Any backend error means "not writable" here.
-        raise PermissionError(
+        raise PermissionDenied(
             f"workdir {url} is not writable ({type(e).__name__}: {e}); check the "
             "URL, the bucket's existence and your credentials"
         ) from None
@@ -253,7 +335,7 @@ def check_writable(url: str) -> None:
 
 
 class PreconditionFailed(RuntimeError):
-    """A conditional write found the object at another generation."""
+    """A conditional write found the object changed by another writer."""
 
 
 _gcs_client_cache: list[Any] = []
@@ -282,6 +364,7 @@ def supports_generations(url: str) -> bool:
     return protocol(url) in ("gs", "gcs")
 
 
+@_explained("read")
 def read_generation(url: str) -> tuple[bytes | None, int]:
     """The bytes of a gs:// object and its generation; `(None, 0)` if absent.
 
@@ -303,8 +386,23 @@ def read_generation(url: str) -> tuple[bytes | None, int]:
     raise PreconditionFailed(f"{url} kept changing while being read")
 
 
-def write_if_generation(url: str, data: bytes, generation: int) -> int:
+@_explained("write")
+def write_if_generation(
+    url: str,
+    data: bytes,
+    generation: int,
+    *,
+    landed: Callable[[], bool] | None = None,
+) -> int:
     """Writes a gs:// object only if it is still at `generation` (0: absent).
+
+    A write whose request reached GCS but whose response was lost (a reset, a
+    timeout) is sent again by google-cloud-storage's retry, and GCS answers
+    that retry with 412: the first attempt already moved the generation on.
+    Given `landed`, a 412 is therefore checked: the object is read back, and
+    if it holds exactly `data` and `landed()` confirms that no rival can have
+    written those bytes (e.g. our ownership token is still in place), the
+    write is ours and succeeded. Without `landed`, every 412 is a rival's.
 
     Returns:
       The generation of the new object.
@@ -317,14 +415,15 @@ def write_if_generation(url: str, data: bytes, generation: int) -> int:
     blob = _gcs_blob(url)
     try:
         blob.upload_from_string(data, if_generation_match=generation)
+        return int(blob.generation)
     except exceptions.PreconditionFailed:
-        raise PreconditionFailed(
-            f"{url} is no longer at generation {generation}"
-        ) from None
-    return int(blob.generation)
+        pass
+    if landed is not None:
+        current, now = read_generation(url)
+        if current == data and now != generation and landed():
+            return now
+    raise PreconditionFailed(f"{url} is no longer at generation {generation}")
 
-
-import threading  # noqa: E402  (kept with the code that needs it)
 
 _memory_locks: dict[str, threading.Lock] = {}
 _memory_locks_guard = threading.Lock()

@@ -23,6 +23,7 @@ import tempfile
 from typing import Any
 
 from trainer import config, storage
+from trainer.errors import SubmitError
 
 TARGETS = ("vertex", "gce", "kaggle", "colab")
 
@@ -45,10 +46,6 @@ SESSION_DEADLINES = {
 # The pip requirement notebooks and VMs install. No `[cpu]` extra on purpose in
 # notebooks: Colab and Kaggle images ship their own TensorFlow.
 DEFAULT_PACKAGE_ENV = "TRAINER_PACKAGE"
-
-
-class SubmitError(ValueError):
-    """A submit option is missing or wrong; the message names it and the remedy."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -748,8 +745,9 @@ def _require_tool(tool: str, target: str) -> None:
 def _run(command: list[str]) -> None:
     proc = subprocess.run(command, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"`{shlex.join(command)}` failed with exit code {proc.returncode}"
+        raise SubmitError(
+            f"`{shlex.join(command)}` failed with exit code {proc.returncode} "
+            "(its output is above)"
         )
 
 

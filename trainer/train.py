@@ -13,11 +13,14 @@ import tempfile
 import time
 from typing import Any
 
-import keras
-import numpy as np
-import tensorflow as tf
+from trainer import backend
 
-from trainer import (
+tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from trainer import (  # noqa: E402
     checkpoint,
     config,
     input_pipeline,
@@ -26,14 +29,16 @@ from trainer import (
     runtime,
     storage,
 )
+from trainer.errors import (  # noqa: E402
+    SpecChangedError,
+    SpecError,
+    StorageError,
+    TrainingError,
+)
 
 log = logging.getLogger(__name__)
 
 _first_step_done: list[float] = []  # Time of this process's first training step.
-
-
-class SpecChangedError(ValueError):
-    """Resume refused: a shape-relevant spec field differs from the first run's."""
 
 
 @dataclasses.dataclass
@@ -57,6 +62,10 @@ class TrainState:
     )  # last validation
     runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
     shape_hash: str = ""
+    # Records skipped as corrupt so far; saved as its entries().
+    corrupt: input_pipeline.CorruptTally = dataclasses.field(
+        default_factory=input_pipeline.CorruptTally
+    )
 
 
 def run(
@@ -91,7 +100,6 @@ def run(
     rt = runtime.setup(
         spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
     )
-    _record_spec(spec, workdir, rt.is_chief)
     ckpt = checkpoint.CheckpointManager(
         workdir,
         keep=spec.train.keep_checkpoints,
@@ -99,23 +107,65 @@ def run(
         mode="max" if spec.train.monitor == "val_accuracy" else "min",
         is_chief=rt.is_chief,
     )
-    ckpt.claim()
-    with rt.strategy.scope():
-        model = models.build_model(spec)
-    for phase in spec.phases:  # A typo in phase 2 fails now, not in an hour.
-        _set_trainable(model, spec, phase)
-    state, arrays = _restore(ckpt, spec, model)
-    if arrays is not None and state.phase_index >= len(spec.phases):
-        # Trained, but not yet exported: the model weights are all we need.
-        model_arrays = {k: v for k, v in arrays.items() if k.startswith("model/")}
-        checkpoint.assign_variables(model, None, model_arrays)
-    watcher = preemption.PreemptionWatcher(
-        deadline_seconds=deadline_seconds,
-        budget_seconds=spec.train.preemption_budget_seconds,
-        metadata_url=_metadata_url(spec, metadata_url, rt.platform),
+    try:
+        _record_spec(spec, workdir, rt.is_chief)
+        ckpt.claim()
+        if spec.train.deterministic:
+            # Again, right before the model draws its initial weights and seeds:
+            # the storage clients' retry jitter (gcsfs' backoff) draws from
+            # Python's global `random` too, so a retried request above would
+            # otherwise change the model a run starts from.
+            keras.utils.set_random_seed(spec.train.seed)
+        with rt.strategy.scope():
+            model = models.build_model(spec)
+        for phase in spec.phases:  # A typo in phase 2 fails now, not in an hour.
+            _set_trainable(model, spec, phase)
+        state, arrays = _restore(ckpt, spec, model)
+        if arrays is not None and state.phase_index >= len(spec.phases):
+            # Trained, but not yet exported: the model weights are all we need.
+            model_arrays = {k: v for k, v in arrays.items() if k.startswith("model/")}
+            checkpoint.assign_variables(model, None, model_arrays)
+        watcher = preemption.PreemptionWatcher(
+            deadline_seconds=deadline_seconds,
+            budget_seconds=spec.train.preemption_budget_seconds,
+            metadata_url=preemption.metadata_url(
+                spec.train.preemption_metadata_url
+                if metadata_url is None
+                else metadata_url,
+                rt.platform,
+            ),
+        )
+        watcher.start()
+        logs = _Logs(workdir, rt.is_chief)
+        try:
+            summary = _train_and_export(
+                spec, workdir, rt, model, state, arrays, ckpt, watcher, logs
+            )
+        finally:
+            watcher.stop()
+            logs.close()
+        ckpt.close()
+        return summary
+    except BaseException as e:
+        ckpt.close(raise_errors=False)  # The error in flight says more.
+        if isinstance(e, (StorageError, TrainingError)):
+            raise type(e)(f"{e}. {_durable_note(ckpt)}") from e
+        raise
+
+
+def _durable_note(ckpt) -> str:
+    """Where a run that failed stands: the step that running again resumes from."""
+    step = ckpt.committed_step
+    if step is None:
+        return "No checkpoint was committed yet: running again starts over"
+    return (
+        f"The last durable checkpoint is step {step} ({ckpt.checkpoint_url(step)}): "
+        "once fixed, run the same command again to resume from it"
     )
-    watcher.install()
-    logs = _Logs(workdir, rt.is_chief)
+
+
+def _train_and_export(spec, workdir, rt, model, state, arrays, ckpt, watcher, logs):
+    """The phases from `state` on, then the export; the summary of the run."""
     try:
         for index in range(state.phase_index, len(spec.phases)):
             state.phase_index = index
@@ -138,21 +188,12 @@ def run(
         input_pipeline.reraise_data_error(e)
     except preemption.Preempted:
         if rt.is_chief:
+            history = state.history[-1] if state.history else {}
             storage.write_json(
                 storage.join(workdir, "summary.json"),
-                _summary(
-                    spec,
-                    state,
-                    "preempted",
-                    ckpt,
-                    state.history[-1] if state.history else {},
-                ),
+                _summary(spec, state, "preempted", ckpt, history),
             )
         raise
-    finally:
-        watcher.uninstall()
-        logs.close()
-        ckpt.close()
 
 
 def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
@@ -186,7 +227,7 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
         epoch_key = _epoch_key(spec, state)
         dataset = rt.strategy.distribute_datasets_from_function(
             lambda ctx, k=epoch_key, s=state.step: input_pipeline.train_dataset(
-                spec, epoch=k, start_step=s, input_context=ctx
+                spec, epoch=k, start_step=s, input_context=ctx, tally=state.corrupt
             ).take((steps - s) * _local_replicas(ctx))
         )
         iterator = iter(dataset)
@@ -226,7 +267,7 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
             state.global_step += n
             bar.update(state.step, _train_metrics(state.train_sums).items())
             if not np.isfinite(sums["loss"]):
-                raise RuntimeError(
+                raise TrainingError(
                     f"non-finite training loss at global step {state.global_step} "
                     f"(phase {phase.name!r}); lower phases.{phase.name}.learning_rate"
                 )
@@ -239,7 +280,7 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
                 raise preemption.Preempted(reason)
             if state.global_step % every == 0:
                 _save(ckpt, model, optimizer, state)
-        val = _evaluate(eval_fn, spec, rt)
+        val = _evaluate(eval_fn, spec, rt, state.corrupt, epoch_key)
         record = {
             "phase": phase.name,
             "epoch": state.epoch + 1,
@@ -294,7 +335,7 @@ def _explain_determinism(e: Exception, spec, state) -> None:
         detail = next(
             (ln for ln in first if "deterministic" in ln), first[0] if first else ""
         )
-        raise ValueError(
+        raise SpecError(
             f"train.deterministic = true cannot run phase {phase.name!r} with XLA "
             f"({detail.strip()}); set phases.{phase.name}.jit_compile = false, or "
             "train.deterministic = false"
@@ -305,7 +346,7 @@ def _set_trainable(model, spec, phase) -> None:
     try:
         models.set_trainable(model, spec.model.backbone, phase.trainable_from)
     except ValueError as e:
-        raise ValueError(f"phases.{phase.name}.{e}") from None
+        raise SpecError(f"phases.{phase.name}.{e}") from None
 
 
 def _make_optimizer(name: str, learning_rate: float, precision: str):
@@ -415,9 +456,11 @@ def _make_eval_step(model, spec, rt):
     return eval_step
 
 
-def _evaluate(eval_fn, spec, rt) -> dict[str, Any]:
+def _evaluate(eval_fn, spec, rt, tally=None, pass_key=0) -> dict[str, Any]:
     dataset = rt.strategy.distribute_datasets_from_function(
-        lambda ctx: input_pipeline.eval_dataset(spec, input_context=ctx)
+        lambda ctx: input_pipeline.eval_dataset(
+            spec, input_context=ctx, tally=tally, pass_key=pass_key
+        )
     )
     total: dict[str, Any] = {}
     for images, labels, weights in dataset:
@@ -507,7 +550,9 @@ def _save(ckpt, model, optimizer, state, *, metric=None, blocking=False) -> None
     The snapshot is a callable so the manager takes it only once the previous
     upload is done: at most two copies of the state are ever in host memory.
     """
-    payload = dataclasses.asdict(state)
+    # asdict deep-copies fields; the tally (with its lock) goes as its entries.
+    payload = dataclasses.asdict(dataclasses.replace(state, corrupt=None))
+    payload["corrupt"] = state.corrupt.entries()
     payload["optimizer_phase"] = None if optimizer is None else state.optimizer_phase
     ckpt.save(
         state.global_step,
@@ -527,6 +572,7 @@ def _restore(ckpt, spec, model) -> tuple[TrainState, dict | None]:
     arrays, saved = restored
     fields = {f.name for f in dataclasses.fields(TrainState)}
     state = TrainState(**{k: v for k, v in saved.items() if k in fields})
+    state.corrupt = input_pipeline.CorruptTally(saved.get("corrupt", ()))
     if state.shape_hash and state.shape_hash != spec.shape_hash():
         raise SpecChangedError(
             f"checkpoint step {state.global_step} was written for a different model "
@@ -611,13 +657,6 @@ def _update_best(spec, state, value: float) -> bool:
     return bool(patience) and state.epochs_without_improvement >= patience
 
 
-def _metadata_url(spec, override, platform) -> str | None:
-    url = override if override is not None else spec.train.preemption_metadata_url
-    if url == "auto":
-        return preemption.GCE_PREEMPTED_URL if platform == "gce" else None
-    return url or None
-
-
 def _print_final(summary: dict[str, Any], spec, workdir: str) -> None:
     metrics = ", ".join(
         f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float)
@@ -646,7 +685,7 @@ def _summary(spec, state, status, ckpt, metrics) -> dict[str, Any]:
             if k not in ("phase", "epoch", "global_step")
         },
         "best": {spec.train.monitor: state.best_metric, "global_step": state.best_step},
-        "corrupt_records": input_pipeline.corrupt_records(),
+        "corrupt_records": state.corrupt.summary(),
         "history": state.history,
     }
 
@@ -838,7 +877,10 @@ def check(
             input_pipeline.reraise_data_error(e)
         seconds = time.perf_counter() - start
         if not np.isfinite(sums["loss"]):
-            raise RuntimeError(f"phase {phase.name!r}: non-finite loss in the dry run")
+            raise TrainingError(
+                f"phase {phase.name!r}: non-finite loss in the dry run; lower "
+                f"phases.{phase.name}.learning_rate"
+            )
         plan["phases"].append(
             {
                 "name": phase.name,

@@ -1,0 +1,248 @@
+"""Faults nobody scripted: lost responses, a store that refuses writes, the GCE
+notice, garbage where a checkpoint pointer should be, bad data, bad specs.
+
+Network faults come from a seeded fault-injecting proxy (tests/fault_proxy.py)
+between the real clients and fake-gcs-server; preemption is a real metadata
+stand-in and a real process; every CLI case checks exit code and stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from tests import gce_metadata
+from tests.fault_proxy import FaultProxy
+from tests.test_cli import ROOT
+from tests.test_resume import (
+    TOTAL_STEPS,
+    Bucket,
+    Run,
+    load_export,
+    run_to_end,
+    summary,
+    train_args,
+    wait_for,
+    workdir_in,
+)
+from trainer import storage
+
+
+@pytest.fixture
+def proxy(gcs_server):
+    server = FaultProxy(os.environ["STORAGE_EMULATOR_HOST"], seed=7).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def through(proxy, monkeypatch):
+    """This process's google-cloud-storage client goes through `proxy`."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    monkeypatch.setattr(storage, "_gcs_client_cache", [])
+    return proxy
+
+
+def assert_one_line_error(run_or_proc, *patterns: str) -> str:
+    """One `error: ...` message (a spec's may list its problems below it), no
+    traceback; returns the message."""
+    stderr = run_or_proc.stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+    starts = [i for i, ln in enumerate(stderr.splitlines()) if ln.startswith("error: ")]
+    assert len(starts) == 1, stderr[-3000:]
+    message = "\n".join(stderr.splitlines()[starts[0] :])
+    for pattern in patterns:
+        assert pattern in message, (pattern, message)
+    return message
+
+
+# ---------------------------------------------------------------------------
+# Lost responses on conditional writes are not a rival trainer
+
+
+def test_conditional_writes_survive_lost_responses(through, gcs_bucket):
+    through.rates = {"lost": 0.3}
+    url = f"{gcs_bucket}/pointer"
+    generation = 0
+    for i in range(20):
+        generation = storage.write_if_generation(
+            url, f"value {i}\n".encode(), generation, landed=lambda: True
+        )
+    assert through.counts["lost"] >= 5, through.counts
+    through.rates = {}
+    assert storage.read_generation(url) == (b"value 19\n", generation)
+
+
+def test_a_rivals_write_is_still_refused(through, gcs_bucket):
+    from tests import gcs_emulator
+
+    through.rates = {"lost": 0.5}
+    url = f"{gcs_bucket}/pointer"
+    rival = gcs_emulator.client().bucket(gcs_bucket[5:]).blob("pointer")
+    mine = storage.write_if_generation(url, b"mine\n", 0, landed=lambda: True)
+    rival.upload_from_string(b"rival\n")  # Other bytes: a rival's write.
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if_generation(url, b"mine again\n", mine, landed=lambda: True)
+    # Our very bytes, but the ownership check says a rival wrote them.
+    _, now = storage.read_generation(url)
+    rival.upload_from_string(b"same\n")
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if_generation(url, b"same\n", now, landed=lambda: False)
+
+
+# ---------------------------------------------------------------------------
+# A whole run through a faulty network ends where a clean one does
+
+
+@pytest.mark.slow
+def test_run_through_a_faulty_network_is_bit_exact(
+    proxy, gcs_bucket, digits_dir, tmp_path, monkeypatch
+):
+    from trainer import checkpoint
+
+    bucket = Bucket(gcs_bucket)
+    url_a, pa = workdir_in(gcs_bucket, "clean")
+    url_b, pb = workdir_in(gcs_bucket, "faulty")
+    clean = run_to_end(train_args(digits_dir, url_a), str(tmp_path))
+    assert clean.proc.returncode == 0, clean.describe()
+
+    proxy.rates = {"503": 0.04, "reset": 0.04, "lost": 0.04}
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    faulty = run_to_end(train_args(digits_dir, url_b), str(tmp_path), timeout=600)
+    print("faults injected:", dict(proxy.counts))
+    assert faulty.proc.returncode == 0, faulty.describe()
+    for kind in ("503", "reset", "lost"):
+        assert proxy.counts[kind] >= 3, proxy.counts
+
+    assert summary(bucket, pa)["history"] == summary(bucket, pb)["history"]
+    ma, mb = (load_export(bucket, p, str(tmp_path)) for p in (pa, pb))
+    for wa, wb in zip(ma.weights, mb.weights, strict=True):
+        assert np.array_equal(np.asarray(wa), np.asarray(wb)), wa.path
+    arrays_a, _ = checkpoint.CheckpointManager(url_a, is_chief=False).restore()
+    arrays_b, _ = checkpoint.CheckpointManager(url_b, is_chief=False).restore()
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for key in arrays_a:
+        assert np.array_equal(arrays_a[key], arrays_b[key]), key
+
+
+@pytest.mark.slow
+def test_a_store_that_refuses_writes_exits_2_naming_the_last_durable_step(
+    proxy, gcs_bucket, digits_dir, tmp_path, monkeypatch
+):
+    bucket = Bucket(gcs_bucket)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    run = Run(train_args(digits_dir, url), str(tmp_path))
+    wait_for(lambda: (bucket.latest(prefix) or 0) >= 2, run)
+    proxy.forbid_writes = True  # A service account that lost its role.
+    assert run.wait() == 2, run.describe()
+    durable = bucket.latest(prefix)
+    assert_one_line_error(
+        run,
+        "refused to",
+        gcs_bucket,
+        "roles/storage.objectAdmin",
+        f"The last durable checkpoint is step {durable}",
+        "run the same command again",
+    )
+
+
+# ---------------------------------------------------------------------------
+# The GCE preemption notice, end to end
+
+
+@pytest.mark.slow
+def test_gce_notice_saves_and_exits_75(gcs_bucket, digits_dir, tmp_path):
+    bucket = Bucket(gcs_bucket)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    with gce_metadata.serve({"instance/preempted": "FALSE"}) as server:
+        flag = f"{server.url}/instance/preempted"
+        args = train_args(
+            digits_dir, url, f"--set=train.preemption_metadata_url={flag}"
+        )
+        run = Run(args, str(tmp_path))
+        wait_for(lambda: (bucket.latest(prefix) or 0) >= 2, run)
+        assert server.hanging >= 1  # Watching with a hanging GET, not polling.
+        flipped = time.monotonic()
+        server.set("instance/preempted", "TRUE")
+        code = run.wait()
+        seconds = time.monotonic() - flipped
+    assert code == 75, run.describe()
+    assert seconds < 15, f"exit {seconds:.1f}s after the notice"
+    assert "gce-preempted" in run.stderr
+    s = summary(bucket, prefix)
+    assert s["status"] == "preempted"
+    assert 2 <= s["global_step"] < TOTAL_STEPS
+    assert bucket.latest(prefix) == s["last_durable_step"] == s["global_step"]
+
+
+# ---------------------------------------------------------------------------
+# One clear line for what the user must fix
+
+
+def trainer(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_garbage_in_latest_exits_2(digits_dir, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "checkpoints" / "LATEST").write_text("<html>oops</html>\n")
+    proc = trainer(*train_args(digits_dir, str(workdir)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_one_line_error(
+        proc,
+        str(workdir / "checkpoints" / "LATEST"),
+        "last durable step is unknown",
+        "Write the name of the checkpoint to resume from into it",
+    )
+
+
+def test_a_file_that_is_not_a_tfrecord_exits_2(digits_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shard = data / "train-00000-of-00001.tfrecord"
+    shard.write_bytes(b"\x89PNG this is a picture, not a TFRecord" * 10)
+    proc = trainer(
+        *train_args(digits_dir, str(tmp_path / "run")),
+        f"--set=data.train={data}/train-*.tfrecord",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_one_line_error(proc, str(shard), "byte offset 0", "trainer convert")
+
+
+def test_bad_spec_answers_before_tensorflow_is_imported(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[data]\nimage_size = "big"\n')
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from trainer import errors, main
+        argv = ["trainer", "train", "--job={bad}", "--workdir={tmp_path}/w"]
+        try:
+            main.main(main._parse_flags(argv))
+        except errors.SpecError as e:
+            print("SpecError", "tensorflow" in sys.modules, "keras" in sys.modules)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.stdout.split() == ["SpecError", "False", "False"], proc.stderr
+    cli = trainer("train", f"--job={bad}", f"--workdir={tmp_path}/w")
+    assert cli.returncode == 2
+    assert_one_line_error(cli, "data.image_size")
