@@ -13,6 +13,8 @@ import pathlib
 import shutil
 import stat
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -46,7 +48,7 @@ def fake_tool(bin_dir: pathlib.Path, name: str, exit_code: int = 0) -> pathlib.P
     script = bin_dir / name
     script.write_text(
         "#!/usr/bin/env bash\n"
-        f"python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {log}\n"
+        f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {log}\n"
         f"exit {exit_code}\n"
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -208,41 +210,51 @@ def test_vertex_job_already_in_cloud_storage_is_used_as_is(tmp_path, monkeypatch
     assert args[1] == "--job=memory://jobs/digits.toml"
 
 
-def test_gce_renders_a_spot_vm_with_a_valid_startup_script(tmp_path):
+def _from_file(command: list[str]) -> dict[str, str]:
+    (flag,) = [c for c in command if c.startswith("--metadata-from-file=")]
+    return dict(e.split("=", 1) for e in flag.split("=", 1)[1].split(","))
+
+
+def test_gce_renders_a_managed_group_of_one_spot_vm(tmp_path):
     result = dry_run(
         "gce",
         tmp_path,
         accelerator_type="nvidia-tesla-t4",
-        image_project="deeplearning-platform-release",
-        image_family="my-cuda-family",
+        service_account="runner@p.iam.gserviceaccount.com",
     )
     startup = result["files"]["startup.sh"]
     subprocess.run(["bash", "-n", startup], check=True)
-    command = result["command"]
-    assert command[:5] == [
-        "gcloud",
-        "compute",
-        "instances",
-        "create",
-        "digits-resnet50-vm",
-    ]
+    (template_step, _), (group_step, probe), *rest = result["steps"]
+    template = template_step[4]
+    assert template_step[:4] == ["gcloud", "compute", "instance-templates", "create"]
+    assert template.startswith("digits-resnet50-")
     for flag in (
         "--provisioning-model=SPOT",
         "--instance-termination-action=STOP",
         "--scopes=cloud-platform",
+        # Defect 3: a GPU gets a machine type it attaches to, not e2-standard-8.
+        "--machine-type=n1-standard-8",
         "--accelerator=type=nvidia-tesla-t4,count=1",
         "--maintenance-policy=TERMINATE",
-        "--image-project=deeplearning-platform-release",
-        "--image-family=my-cuda-family",
+        # Defect 4: an image whose Python is new enough (driver installed at boot).
+        "--image-project=debian-cloud",
+        "--image-family=debian-12",
+        "--service-account=runner@p.iam.gserviceaccount.com",
     ):
-        assert flag in command
-    (from_file,) = [c for c in command if c.startswith("--metadata-from-file=")]
-    entries = dict(e.split("=", 1) for e in from_file.split("=", 1)[1].split(","))
+        assert flag in template_step, flag
+    assert group_step == [
+        "gcloud", "compute", "instance-groups", "managed", "create",
+        "digits-resnet50", "--zone=us-central1-a", f"--template={template}",
+        "--size=1", "--base-instance-name=digits-resnet50",
+    ]  # fmt: skip
+    assert probe[-3:] == ["describe", "digits-resnet50", "--zone=us-central1-a"]
+    assert [c[4] for c, _ in rest] == ["set-instance-template", "resize"]
+    entries = _from_file(template_step)
     assert entries["startup-script"] == startup
     values = {
         k: pathlib.Path(v).read_text()
         for k, v in entries.items()
-        if k != "startup-script"
+        if k not in ("startup-script", "trainer-give-up-at")
     }
     assert values == {
         "trainer-job": "gs://bucket/runs/r1/job.toml",
@@ -251,7 +263,93 @@ def test_gce_renders_a_spot_vm_with_a_valid_startup_script(tmp_path):
         "trainer-package": "trainer[gpu] @ git+https://github.com/OWNER/REPO@main",
         "trainer-set": "\n".join(GCS_DATA),
         "trainer-on-done": "delete",
+        "trainer-group": "digits-resnet50",
+        "trainer-template": template,
+        "trainer-gpu": "true",
     }
+    give_up_at = int(pathlib.Path(entries["trainer-give-up-at"]).read_text())
+    assert abs(give_up_at - (time.time() + 7 * 24 * 3600)) < 60
+
+
+@pytest.mark.parametrize(
+    "target,gpu,machine,expected",
+    [
+        ("gce", "nvidia-l4", "", ("g2-standard-8", None)),
+        ("gce", "nvidia-tesla-a100", "a2-highgpu-2g", ("a2-highgpu-2g", None)),
+        ("vertex", "NVIDIA_L4", "", ("g2-standard-8", 1)),
+        ("vertex", "NVIDIA_TESLA_A100", "a2-highgpu-2g", ("a2-highgpu-2g", 2)),
+        ("vertex", "NVIDIA_TESLA_T4", "", ("n1-standard-8", 1)),
+    ],
+)
+def test_gpu_machine_types_follow_the_accelerator(
+    target, gpu, machine, expected, tmp_path
+):
+    result = dry_run(target, tmp_path, accelerator_type=gpu, machine_type=machine)
+    if target == "vertex":
+        spec = result["custom_job"]["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
+        assert (spec["machineType"], spec["acceleratorCount"]) == expected
+        assert spec["acceleratorType"] == gpu
+    else:
+        command = result["steps"][0][0]
+        assert f"--machine-type={expected[0]}" in command
+        # Accelerator-optimized types come with their GPUs: no --accelerator.
+        assert not any(c.startswith("--accelerator=") for c in command)
+
+
+@pytest.mark.parametrize("target", ["gce", "vertex"])
+def test_a_gpu_on_a_machine_type_it_cannot_attach_to_is_refused(target, tmp_path):
+    # Defect 3: e2-standard-8 (GCE's CPU default) takes no GPU.
+    gpu = "nvidia-tesla-t4" if target == "gce" else "NVIDIA_TESLA_T4"
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"--machine_type: received 'e2-standard-8'; a nvidia-tesla-t4 GPU "
+        r"attaches only to N1 machine types: pass --machine_type=n1-standard-8",
+    ):
+        dry_run(target, tmp_path, accelerator_type=gpu, machine_type="e2-standard-8")
+    with pytest.raises(submit.SubmitError, match=r"--accelerator_type: received 'k80'"):
+        dry_run(target, tmp_path, accelerator_type="k80")
+    with pytest.raises(submit.SubmitError, match=r"a2-highgpu-2g comes with 2 GPU"):
+        dry_run(
+            target,
+            tmp_path,
+            accelerator_type=gpu.replace("TESLA_T4", "TESLA_A100").replace(
+                "tesla-t4", "tesla-a100"
+            ),
+            machine_type="a2-highgpu-2g",
+            accelerator_count=1,
+        )
+
+
+def test_gce_refuses_images_with_an_old_python(tmp_path):
+    # Defect 4: Deep Learning VM families ship Python 3.10 (Debian 11).
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"--image_family: received 'common-cu121-debian-11-py310', whose "
+        r"Python is older than 3.11.*debian-12",
+    ):
+        dry_run(
+            "gce",
+            tmp_path,
+            accelerator_type="nvidia-tesla-t4",
+            image_family="common-cu121-debian-11-py310",
+            image_project="deeplearning-platform-release",
+        )
+
+
+def test_gce_names_start_with_a_letter(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(
+        pathlib.Path(JOB)
+        .read_text()
+        .replace('name = "digits-resnet50"', 'name = "2024 run"')
+    )
+    result = submit.submit(
+        "gce", str(job), "gs://bucket/runs/r1", dry_run=True, overrides=GCS_DATA,
+        out_dir=str(tmp_path / "o"), package=PACKAGE,
+    )  # fmt: skip
+    assert result["steps"][1][0][5] == "trainer-2024-run"
+    with pytest.raises(submit.SubmitError, match=r"--vm_name: received '9vm'"):
+        dry_run("gce", tmp_path, vm_name="9vm")
 
 
 def test_kaggle_renders_notebook_and_kernel_metadata(tmp_path, capsys):
@@ -277,7 +375,9 @@ def test_kaggle_renders_notebook_and_kernel_metadata(tmp_path, capsys):
         True,
         True,
     )
+    assert meta["machine_shape"] == "TpuV5E8"
     assert meta["dataset_sources"] == ["me/digits-shards"]
+    assert meta["kernel_sources"] == []  # A dry run cannot know of a previous version.
     notebook_path = os.path.join(os.path.dirname(meta_path), meta["code_file"])
     notebook = nbformat.read(notebook_path, as_version=4)
     nbformat.validate(notebook)
@@ -286,7 +386,9 @@ def test_kaggle_renders_notebook_and_kernel_metadata(tmp_path, capsys):
     assert f"PACKAGE = {PACKAGE!r}" in source
     assert "[cpu]" not in source.replace("[cpu]/[gpu]", "")
     assert "DEADLINE = '8h30m'" in source  # TPU sessions end at 9 h.
-    assert "trainer.train.run(" in source and "run this cell again to resume" in source
+    assert (
+        "trainer.train.run(" in source and "push again (or Run All) to resume" in source
+    )
     # A local job spec is embedded: the notebook needs nothing from this machine.
     assert 'name = "digits-resnet50"' in source
     assert result["command"] == [
@@ -346,6 +448,8 @@ def test_notebook_code_cells_compile_with_an_embedded_job(platform):
     assert namespace["OVERRIDES"] == ["name='a\\b\"c'"]
     assert namespace["INSTALL"] is True
     assert ("GCS_SECRET" in namespace) == (platform == "kaggle")
+    assert ("RESUME_FROM" in namespace) == (platform == "kaggle")
+    assert ("DRIVE" in namespace) == (platform == "colab")
 
 
 # ---------------------------------------------------------------------------
@@ -407,8 +511,10 @@ def test_missing_required_options_name_the_flag(tmp_path, monkeypatch):
         dry_run("vertex", tmp_path, image_uri="")
     with pytest.raises(submit.SubmitError, match=r"--package is required"):
         dry_run("gce", tmp_path, package="")
-    with pytest.raises(submit.SubmitError, match=r"--image_project: .*NVIDIA driver"):
-        dry_run("gce", tmp_path, accelerator_type="nvidia-tesla-t4")
+    with pytest.raises(submit.SubmitError, match=r"--image_project is required"):
+        dry_run("gce", tmp_path, image_family="ubuntu-2404-lts-amd64")
+    with pytest.raises(submit.SubmitError, match=r"--give_up_after: duration"):
+        dry_run("gce", tmp_path, give_up_after="soon")
     with pytest.raises(submit.SubmitError, match=r"--kernel_id"):
         dry_run("kaggle", tmp_path, kernel_id="")
     with pytest.raises(submit.SubmitError, match=r"--accelerator: received 'h100'"):
@@ -509,7 +615,9 @@ def metadata_server():
         yield server
 
 
-def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
+def run_startup(
+    tmp_path, metadata_server, exit_codes: list[int], path_first="", **attributes
+):
     """Runs deploy/gce/startup.sh with a stand-in `trainer` exiting with `exit_codes`."""
     if shutil.which("curl") is None:
         pytest.skip("curl is needed by the startup script")
@@ -522,7 +630,7 @@ def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
     trainer = bin_dir / "trainer"
     trainer.write_text(
         "#!/usr/bin/env bash\n"
-        f"python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {trainer_log}\n"
+        f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {trainer_log}\n"
         f"code=$(head -n1 {codes}); sed -i 1d {codes}; exit $code\n"
     )
     trainer.chmod(0o755)
@@ -534,8 +642,9 @@ def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
             for k, v in attributes.items()
         },
     }
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     env = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{path_first}{os.pathsep}{path}" if path_first else path,
         "TRAINER_METADATA_URL": metadata_server.url,
         "TRAINER_HOME": str(tmp_path / "home"),
         "TRAINER_RETRY_SECONDS": "0",
@@ -555,10 +664,23 @@ JOB_META = {
     "trainer_job": "gs://b/runs/r1/job.toml",
     "trainer_workdir": "gs://b/runs/r1",
     "trainer_set": "train.seed=1\nphases.finetune.epochs=1",
+    "trainer_group": "digits",
+    "trainer_template": "digits-0123abcd",
 }
+MIG = ["compute", "instance-groups", "managed"]
+LEAVE = [*MIG, "abandon-instances", "digits", "--instances=vm-1",
+         "--zone=us-central1-a", "--quiet"]  # fmt: skip
+DELETE_GROUP = [
+    [*MIG, "delete", "digits", "--zone=us-central1-a", "--quiet"],
+    ["compute", "instance-templates", "delete", "digits-0123abcd", "--quiet"],
+]
 
 
-def test_startup_script_deletes_the_vm_when_the_run_completes(
+def vm(action: str) -> list[str]:
+    return ["compute", "instances", action, "vm-1", "--zone=us-central1-a", "--quiet"]
+
+
+def test_startup_script_tears_the_group_down_when_the_run_completes(
     tmp_path, metadata_server
 ):
     proc, trainer_calls, gcloud_calls = run_startup(
@@ -569,14 +691,14 @@ def test_startup_script_deletes_the_vm_when_the_run_completes(
         "train", "--job=gs://b/runs/r1/job.toml", "--workdir=gs://b/runs/r1",
         "--set=train.seed=1", "--set=phases.finetune.epochs=1",
     ]]  # fmt: skip
-    assert gcloud_calls == [
-        ["compute", "instances", "delete", "vm-1", "--zone=us-central1-a", "--quiet"]
-    ]
+    # Out of the group first (else it would recreate the VM), then the group
+    # and its template, then the VM itself.
+    assert gcloud_calls == [LEAVE, *DELETE_GROUP, vm("delete")]
 
 
 def test_startup_script_just_exits_when_preempted(tmp_path, metadata_server):
-    # 75: a durable checkpoint is written and GCE is stopping the VM; starting
-    # it again reruns this script, which resumes.
+    # 75: a durable checkpoint is written and GCE is stopping the VM; the
+    # group recreates it, and this script, run again, resumes.
     proc, trainer_calls, gcloud_calls = run_startup(
         tmp_path, metadata_server, [75], **JOB_META
     )
@@ -586,26 +708,66 @@ def test_startup_script_just_exits_when_preempted(tmp_path, metadata_server):
     assert "preempted" in proc.stderr
 
 
-def test_startup_script_retries_failures_then_stops_the_vm(tmp_path, metadata_server):
+def test_startup_script_retries_failures_then_completes(tmp_path, metadata_server):
     proc, trainer_calls, gcloud_calls = run_startup(
         tmp_path, metadata_server, [1, 1, 0], **JOB_META, trainer_on_done="stop"
     )
     assert proc.returncode == 0, proc.stderr
     assert len(trainer_calls) == 3
-    assert gcloud_calls == [
-        ["compute", "instances", "stop", "vm-1", "--zone=us-central1-a", "--quiet"]
-    ]
+    assert gcloud_calls == [LEAVE, *DELETE_GROUP, vm("stop")]
 
 
-def test_startup_script_stops_the_vm_on_bad_input(tmp_path, metadata_server):
+def test_startup_script_leaves_the_group_and_stops_on_bad_input(
+    tmp_path, metadata_server
+):
     proc, trainer_calls, gcloud_calls = run_startup(
         tmp_path, metadata_server, [2, 0], **JOB_META
     )
     assert proc.returncode == 2
     assert len(trainer_calls) == 1  # Retrying a bad spec cannot help.
-    assert gcloud_calls == [
-        ["compute", "instances", "stop", "vm-1", "--zone=us-central1-a", "--quiet"]
-    ]
+    # Stopped, not deleted: its logs stay; out of the group: not recreated.
+    assert gcloud_calls == [LEAVE, vm("stop")]
+
+
+def test_startup_script_gives_up_after_the_retry_window(tmp_path, metadata_server):
+    proc, trainer_calls, gcloud_calls = run_startup(
+        tmp_path,
+        metadata_server,
+        [0],
+        **JOB_META,
+        trainer_give_up_at=str(int(time.time()) - 1),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert trainer_calls == []
+    assert "past its give-up time" in proc.stderr
+    assert gcloud_calls == [LEAVE, *DELETE_GROUP, vm("stop")]
+
+
+def test_startup_script_refuses_a_python_older_than_3_11(tmp_path, metadata_server):
+    # Defect 4: on an image whose python3 is 3.10 pip would fail on our
+    # requires-python; the script says why, and which image works.
+    bin_dir = tmp_path / "old-python"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "$1" == "-V" ]]; then echo "Python 3.10.12"; exit 0; fi\n'
+        "exit 1\n"
+    )
+    python3.chmod(0o755)
+    proc, trainer_calls, gcloud_calls = run_startup(
+        tmp_path,
+        metadata_server,
+        [0],
+        **JOB_META,
+        trainer_package="trainer[cpu] @ git+https://example.invalid/x",
+        path_first=str(bin_dir),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "python3 is Python 3.10.12; trainer needs Python >= 3.11" in proc.stderr
+    assert "debian-12" in proc.stderr
+    assert trainer_calls == []
+    assert gcloud_calls == [LEAVE, vm("stop")]
 
 
 def _fake_trainer_wheel(directory: pathlib.Path, log: pathlib.Path) -> pathlib.Path:
@@ -659,7 +821,7 @@ def test_startup_script_installs_the_package_into_a_venv_once(
         "--job=gs://b/runs/r1/job.toml",
         "--workdir=gs://b/runs/r1",
     ]
-    assert gcloud_calls[0][:3] == ["compute", "instances", "delete"]
+    assert gcloud_calls[-1][:3] == ["compute", "instances", "delete"]
     assert (tmp_path / "home" / "venv" / "bin" / "trainer").exists()
 
 
@@ -675,7 +837,6 @@ def _cli_has_submit() -> bool:
     not _cli_has_submit(), reason="trainer/main.py has no submit command yet"
 )
 def test_cli_submit_dry_run_and_bad_input(tmp_path):
-    import sys
 
     def trainer(*args):
         return subprocess.run(
