@@ -870,3 +870,227 @@ def test_cli_submit_dry_run_and_bad_input(tmp_path):
         bad.returncode == 2
         and "expected one of vertex, gce, kaggle, colab" in bad.stderr
     )
+
+
+# ---------------------------------------------------------------------------
+# Checked against the platforms' own definitions
+
+
+def test_vertex_custom_job_parses_into_aiplatforms_own_message_types(tmp_path):
+    # google-cloud-aiplatform's gapic types: an unknown field or an enum value
+    # Vertex does not know (acceleratorType, scheduling.strategy) fails here.
+    aiplatform = pytest.importorskip("google.cloud.aiplatform_v1")
+    result = dry_run(
+        "vertex",
+        tmp_path,
+        timeout="24h",
+        max_wait="2h",
+        accelerator_type="nvidia-l4",
+        service_account="runner@p.iam.gserviceaccount.com",
+    )
+    for name, cls in [
+        ("custom_job.json", aiplatform.CustomJob),
+        ("custom_job_spec.json", aiplatform.CustomJobSpec),
+    ]:
+        text = pathlib.Path(result["files"][name]).read_text()
+        cls.from_json(text)  # ignore_unknown_fields=False: unknown keys raise.
+    text = pathlib.Path(result["files"]["custom_job.json"]).read_text()
+    job = aiplatform.CustomJob.from_json(text)
+    assert job.job_spec.scheduling.strategy == aiplatform.Scheduling.Strategy.SPOT
+    machine = job.job_spec.worker_pool_specs[0].machine_spec
+    assert machine.accelerator_type == aiplatform.AcceleratorType.NVIDIA_L4
+    with pytest.raises(Exception, match="SPOTTY"):  # The check can fail.
+        aiplatform.CustomJob.from_json(text.replace('"SPOT"', '"SPOTTY"'))
+    with pytest.raises(Exception, match="machineTyp"):
+        aiplatform.CustomJob.from_json(text.replace("machineType", "machineTyp"))
+
+
+def test_every_vertex_gpu_name_is_an_aiplatform_accelerator_type():
+    aiplatform = pytest.importorskip("google.cloud.aiplatform_v1")
+    for vertex_name, _, _ in submit.GPUS.values():
+        assert aiplatform.AcceleratorType[vertex_name], vertex_name
+
+
+class _ComputeApi:
+    """A Compute Engine API stand-in on 127.0.0.1 that records what gcloud sends."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length).decode() if length else ""
+                path = self.path.split("?")[0]
+                requests.append((self.command, path, json.loads(body or "null")))
+                url = f"http://127.0.0.1:{self.server.server_port}{path}"
+                data = {"kind": "compute#operation", "name": "op", "status": "DONE",
+                        "selfLink": url, "targetLink": url}  # fmt: skip
+                if self.command == "GET":
+                    data = {"name": path.rsplit("/", 1)[-1], "selfLink": url}
+                out = json.dumps(data).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/compute/v1/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _gcloud_sends(commands, tmp_path) -> list[tuple[str, str, object]]:
+    """The API requests that gcloud itself makes of `commands` (no network)."""
+    api = _ComputeApi()
+    token = tmp_path / "token"
+    token.write_text("test-token")
+    env = {
+        **os.environ,
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),
+        "CLOUDSDK_CORE_PROJECT": "proj",
+        "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(token),
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE": api.url,
+        "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+        "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1",
+    }
+    try:
+        for command in commands:
+            before = len(api.requests)
+            proc = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=120
+            )
+            # gcloud rejects bad flags before any request; the stand-in's thin
+            # operation replies may make it fail after, which is not ours.
+            assert "unrecognized arguments" not in proc.stderr, proc.stderr
+            assert "argument --" not in proc.stderr, proc.stderr
+            mutations = [r for r in api.requests[before:] if r[0] != "GET"]
+            assert mutations, f"{command}: no request\n{proc.stderr[-2000:]}"
+    finally:
+        api.close()
+    return [r for r in api.requests if r[0] != "GET"]
+
+
+def _needs_gcloud():
+    if shutil.which("gcloud") is None:
+        pytest.skip("the Google Cloud CLI (gcloud) is not installed")
+
+
+def test_gce_commands_are_parsed_by_gcloud_itself(tmp_path):
+    _needs_gcloud()
+    result = dry_run(
+        "gce",
+        tmp_path,
+        accelerator_type="nvidia-tesla-t4",
+        service_account="runner@p.iam.gserviceaccount.com",
+    )
+    sent = _gcloud_sends([command for command, _ in result["steps"]], tmp_path)
+    (template_post, group_post, set_template, resize) = sent
+    assert template_post[:2] == (
+        "POST",
+        "/compute/v1/projects/proj/global/instanceTemplates",
+    )
+    properties = template_post[2]["properties"]
+    assert properties["machineType"] == "n1-standard-8"
+    assert properties["guestAccelerators"] == [
+        {"acceleratorCount": 1, "acceleratorType": "nvidia-tesla-t4"}
+    ]
+    assert properties["scheduling"]["provisioningModel"] == "SPOT"
+    assert properties["scheduling"]["instanceTerminationAction"] == "STOP"
+    assert properties["scheduling"]["onHostMaintenance"] == "TERMINATE"
+    assert (
+        properties["serviceAccounts"][0]["email"] == "runner@p.iam.gserviceaccount.com"
+    )
+    assert properties["disks"][0]["initializeParams"]["sourceImage"].endswith(
+        "projects/debian-cloud/global/images/family/debian-12"
+    )
+    items = {i["key"]: i["value"] for i in properties["metadata"]["items"]}
+    assert items["trainer-workdir"] == "gs://bucket/runs/r1"
+    assert items["startup-script"] == submit.GCE_STARTUP_SCRIPT.read_text()
+    zone = "/compute/v1/projects/proj/zones/us-central1-a/instanceGroupManagers"
+    assert group_post[:2] == ("POST", zone)
+    assert group_post[2]["targetSize"] == 1
+    assert group_post[2]["instanceTemplate"].endswith(result["steps"][0][0][4])
+    assert set_template[:2] == ("PATCH", f"{zone}/digits-resnet50")
+    assert resize[:2] == ("POST", f"{zone}/digits-resnet50/resize")
+
+
+def test_startup_script_gcloud_calls_are_parsed_by_gcloud_itself(
+    tmp_path, metadata_server
+):
+    _needs_gcloud()
+    _, _, gcloud_calls = run_startup(tmp_path, metadata_server, [0], **JOB_META)
+    sent = _gcloud_sends([["gcloud", *c] for c in gcloud_calls], tmp_path)
+    zone = "/compute/v1/projects/proj/zones/us-central1-a"
+    assert [r[:2] for r in sent] == [
+        ("POST", f"{zone}/instanceGroupManagers/digits/abandonInstances"),
+        ("DELETE", f"{zone}/instanceGroupManagers/digits"),
+        (
+            "DELETE",
+            "/compute/v1/projects/proj/global/instanceTemplates/digits-0123abcd",
+        ),
+        ("DELETE", f"{zone}/instances/vm-1"),
+    ]
+
+
+def _gcloud_state(bin_dir: pathlib.Path) -> pathlib.Path:
+    """A gcloud stand-in that remembers what it created: `describe` finds it."""
+    state = bin_dir / "state"
+    state.mkdir()
+    log = bin_dir / "gcloud.log"
+    script = bin_dir / "gcloud"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {log}\n"
+        'kind="$2"\n'
+        'for a in "$@"; do case "$a" in create|describe) verb=$a;; esac; done\n'
+        'name=$(for a in "$@"; do [[ "$a" != -* && "$a" != compute && "$a" != "$verb" ]] && echo "$a"; done | tail -1)\n'
+        f'if [[ "$verb" == describe ]]; then [[ -e {state}/"$kind-$name" ]]; exit $?; fi\n'
+        f'if [[ "$verb" == create ]]; then\n'
+        f'  [[ -e {state}/"$kind-$name" ]] && {{ echo "ERROR: already exists" >&2; exit 1; }}\n'
+        f'  touch {state}/"$kind-$name"\n'
+        "fi\n"
+    )
+    script.chmod(0o755)
+    return log
+
+
+def test_submitting_gce_again_resumes_instead_of_failing(
+    gcs_bucket, tmp_path, monkeypatch
+):
+    # Defect 9: a second `gcloud compute instances create` with the same name
+    # was rejected. Now the template and group are created once; submitting
+    # again points the group at the template and makes sure it runs one VM.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = _gcloud_state(bin_dir)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def submit_once(i):
+        return submit.submit(
+            "gce", JOB, f"{gcs_bucket}/runs/r1", overrides=GCS_DATA,
+            out_dir=str(tmp_path / f"out{i}"), package=PACKAGE,
+        )  # fmt: skip
+
+    first = submit_once(1)
+    verbs = [c[2] if c[1] == "instance-templates" else c[3] for c in calls(log)]
+    assert verbs == ["describe", "create", "describe", "create",
+                     "set-instance-template", "resize"]  # fmt: skip
+    log.unlink()
+    second = submit_once(2)  # Same job: the same template.
+    assert second["steps"][0][0][4] == first["steps"][0][0][4]
+    verbs = [c[2] if c[1] == "instance-templates" else c[3] for c in calls(log)]
+    assert verbs == ["describe", "describe", "set-instance-template", "resize"]
+    assert calls(log)[-1][-2:] == ["--size=1", "--zone=us-central1-a"]
