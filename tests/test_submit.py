@@ -1094,3 +1094,192 @@ def test_submitting_gce_again_resumes_instead_of_failing(
     verbs = [c[2] if c[1] == "instance-templates" else c[3] for c in calls(log)]
     assert verbs == ["describe", "describe", "set-instance-template", "resize"]
     assert calls(log)[-1][-2:] == ["--size=1", "--zone=us-central1-a"]
+
+
+def _kaggle_push(folder: str, monkeypatch):
+    """kaggle-cli's own `kernels push` on `folder`, up to the network call.
+
+    Returns the ApiSaveKernelRequest it built; raises what its validation raises.
+    """
+    pytest.importorskip("kaggle")
+    monkeypatch.setenv("KAGGLE_USERNAME", "me")
+    monkeypatch.setenv("KAGGLE_KEY", "0" * 32)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", folder)
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    sent = []
+
+    class Kernels:
+        class kernels_api_client:  # noqa: N801 (kaggle's attribute name)
+            @staticmethod
+            def save_kernel(request):
+                sent.append(request)
+                return request
+
+    class Client:
+        kernels = Kernels
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    # The network client only: everything before it is kaggle-cli's own code.
+    monkeypatch.setattr(KaggleApi, "build_kaggle_client", lambda self: Client())
+    KaggleApi().kernels_push(folder)
+    (request,) = sent
+    return request
+
+
+def test_kernel_metadata_passes_kaggle_clis_own_push_validation(
+    tmp_path, monkeypatch, capsys
+):
+    result = dry_run(
+        "kaggle",
+        tmp_path,
+        accelerator="gpu",
+        dataset_sources=["me/digits-shards"],
+        resume_from="me/digits-resnet50",
+        workdir="/kaggle/working/run",
+    )
+    capsys.readouterr()
+    request = _kaggle_push(result["out_dir"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "does not resolve to the specified id" not in out  # title <-> slug
+    assert request.slug == "me/digits-resnet50"
+    assert request.machine_shape == "NvidiaTeslaT4"
+    assert request.enable_gpu and not request.enable_tpu
+    assert request.kernel_data_sources == ["me/digits-resnet50"]
+    assert request.dataset_data_sources == ["me/digits-shards"]
+    assert json.loads(request.text)["cells"][1]["source"].startswith("# Parameters")
+    from kaggle.api import kaggle_api_extended
+
+    for shape in submit.KAGGLE_MACHINE_SHAPES:  # None retired in kaggle-cli.
+        assert shape.lower() not in kaggle_api_extended._RETIRED_ACCELERATORS
+
+
+def test_short_kernel_slugs_are_refused_before_kaggle_does(tmp_path, monkeypatch):
+    # Defect 7: `--kernel_id=me/cnn` rendered the title "cnn", which Kaggle
+    # refuses. kaggle-cli's own check says so:
+    with pytest.raises(ValueError, match="at least five characters"):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        KaggleApi().validate_kernel_string("me/cnn")
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"--kernel_id: the slug 'cnn' is shorter than 5 characters.*--kernel_id=me/cnn-run",
+    ):
+        dry_run("kaggle", tmp_path, kernel_id="me/cnn")
+    # A default derived from a short job name is lengthened instead.
+    monkeypatch.setenv("KAGGLE_USERNAME", "me")
+    job = tmp_path / "cnn.toml"
+    job.write_text(
+        pathlib.Path(JOB)
+        .read_text()
+        .replace('name = "digits-resnet50"', 'name = "cnn"')
+    )
+    result = submit.submit(
+        "kaggle", str(job), "gs://b/r", dry_run=True, package=PACKAGE,
+        out_dir=str(tmp_path / "k"),
+    )  # fmt: skip
+    assert result["kernel_metadata"]["id"] == "me/cnn-trainer"
+    assert result["kernel_metadata"]["title"] == "cnn trainer"
+    _kaggle_push(result["out_dir"], monkeypatch)  # kaggle-cli accepts it.
+
+
+def test_kaggle_machine_shapes_and_internet_off(tmp_path):
+    with pytest.raises(
+        submit.SubmitError, match=r"--machine_shape: received 'NvidiaTeslaP100'"
+    ):
+        dry_run("kaggle", tmp_path, machine_shape="NvidiaTeslaP100")
+    # Internet off: the package and the weights must come from attached datasets.
+    with pytest.raises(submit.SubmitError, match=r"--package: received .*--no-deps"):
+        dry_run("kaggle", tmp_path, internet=False, workdir="/kaggle/working/r")
+    wheel = "/kaggle/input/trainer-wheel/trainer-0.1.0-py3-none-any.whl"
+    with pytest.raises(
+        submit.SubmitError, match=r"model.weights: received 'imagenet'.*weights_mirror"
+    ):
+        dry_run(
+            "kaggle",
+            tmp_path,
+            internet=False,
+            package=wheel,
+            workdir="/kaggle/working/r",
+            overrides=["model.weights=imagenet"],
+        )
+    with pytest.raises(submit.SubmitError, match=r"cannot reach Cloud Storage"):
+        dry_run("kaggle", tmp_path, internet=False, package=wheel)
+    result = dry_run(
+        "kaggle",
+        tmp_path,
+        internet=False,
+        package=wheel,
+        workdir="/kaggle/working/r",
+        machine_shape="TpuV5E8",
+        dataset_sources=["me/trainer-wheel", "me/keras-weights"],
+        overrides=[
+            "model.weights=imagenet",
+            "model.weights_mirror=/kaggle/input/keras-weights",
+        ],
+    )
+    meta = result["kernel_metadata"]
+    assert (meta["enable_internet"], meta["enable_tpu"], meta["machine_shape"]) == (
+        False,
+        True,
+        "TpuV5E8",
+    )
+    source = "\n".join(c.source for c in result["notebook"].cells)
+    assert "INTERNET = False" in source and "'--no-index'" in source
+    assert "DEADLINE = '8h30m'" in source  # TPU sessions: 9 hours.
+
+
+def _kaggle_storage_cell(tmp_path, monkeypatch, secret_value):
+    """Runs the Kaggle notebook's parameter and storage cells with a stand-in
+    `kaggle_secrets` whose secret is `secret_value` (an exception: not attached)."""
+    import types
+
+    class UserSecretsClient:
+        def get_secret(self, label):
+            if isinstance(secret_value, Exception):
+                raise secret_value
+            return secret_value
+
+    monkeypatch.setitem(
+        sys.modules,
+        "kaggle_secrets",
+        types.SimpleNamespace(UserSecretsClient=UserSecretsClient),
+    )
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "unset")
+    working = tmp_path / "working"
+    working.mkdir(parents=True)
+    notebook = submit.render_notebook(
+        "kaggle", name="x", job_url=JOB, workdir="gs://b/r", package=PACKAGE,
+        gcs_secret="GCS_KEY",
+    )  # fmt: skip
+    namespace: dict = {}
+    exec(notebook.cells[1].source, namespace)
+    namespace.update(WORKING=str(working), INPUT=str(tmp_path / "input"))
+    exec(notebook.cells[3].source, namespace)
+    return working
+
+
+def test_kaggle_secret_not_attached_says_how_to_attach_it(tmp_path, monkeypatch):
+    # Defect 5: secrets are attached only in the editor; push cannot.
+    with pytest.raises(
+        RuntimeError, match=r"'GCS_KEY' is not attached.*Add-ons > Secrets"
+    ):
+        _kaggle_storage_cell(tmp_path, monkeypatch, Exception("BackendError 400"))
+    with pytest.raises(RuntimeError, match=r"it is empty.*Add-ons > Secrets"):
+        _kaggle_storage_cell(tmp_path / "b", monkeypatch, None)
+    result = dry_run("kaggle", tmp_path / "c", gcs_secret="GCS_KEY")
+    assert any("cannot attach secrets" in n for n in result["notes"])
+
+
+def test_kaggle_key_stays_out_of_the_published_output(tmp_path, monkeypatch):
+    # Defect 6: /kaggle/working is published as the version's output.
+    working = _kaggle_storage_cell(tmp_path, monkeypatch, '{"type": "service_account"}')
+    key = os.environ["GOOGLE_APPLICATION_CREDENTIALS"]
+    assert pathlib.Path(key).read_text() == '{"type": "service_account"}'
+    assert not key.startswith(str(working)) and list(working.iterdir()) == []
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
