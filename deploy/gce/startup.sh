@@ -49,7 +49,7 @@ GIVE_UP_AT="$(metadata instance/attributes/trainer-give-up-at)"
 GPU="$(metadata instance/attributes/trainer-gpu)"
 
 vm_done() {  # vm_done ACTION: stop or delete this VM.
-  log "${1}ing VM ${NAME} (${ZONE})"
+  log "${1} VM ${NAME} (${ZONE})"
   gcloud compute instances "$1" "${NAME}" --zone="${ZONE}" --quiet
 }
 
