@@ -9,6 +9,7 @@ stand-in and a real process; every CLI case checks exit code and stderr.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -246,3 +247,51 @@ def test_bad_spec_answers_before_tensorflow_is_imported(tmp_path):
     cli = trainer("train", f"--job={bad}", f"--workdir={tmp_path}/w")
     assert cli.returncode == 2
     assert_one_line_error(cli, "data.image_size")
+
+
+# ---------------------------------------------------------------------------
+# Corrupt records: counted once per pass, across a resume
+
+
+def _shards_with_bad_records(digits_dir: str, out) -> tuple[str, str]:
+    """One real digits shard per split plus a shard of 2 (train) or 1
+    (validation) records whose label is out of range, among good ones."""
+    import shutil
+
+    from tests.test_input_pipeline import _example, _write_shard
+
+    out.mkdir()
+    for split, bad in (("train", 2), ("validation", 1)):
+        shutil.copy(f"{digits_dir}/{split}-00000-of-00007.tfrecord", out)
+        records = [_example(label=3)] * 6 + [_example(label=99)] * bad
+        _write_shard(str(out / f"{split}-extra.tfrecord"), records)
+    return f"{out}/train-*.tfrecord", f"{out}/validation-*.tfrecord"
+
+
+@pytest.mark.slow
+def test_corrupt_records_counted_once_per_pass_across_a_resume(
+    gcs_bucket, digits_dir, tmp_path
+):
+    train, validation = _shards_with_bad_records(digits_dir, tmp_path / "data")
+    bucket = Bucket(gcs_bucket)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    args = [
+        *train_args(digits_dir, url),
+        f"--set=data.train={train}",
+        f"--set=data.validation={validation}",
+        "--set=data.on_corrupt=skip",
+        # Whole epochs, so every pass reads every record.
+        "--set=phases.transfer.steps_per_epoch=0",
+        "--set=phases.finetune.steps_per_epoch=0",
+    ]
+    run = Run(args, str(tmp_path))
+    wait_for(lambda: (bucket.latest(prefix) or 0) >= 30, run)  # Mid epoch 2.
+    run.kill(signal.SIGTERM)
+    assert run.wait() == 75, run.describe()
+    again = run_to_end(args, str(tmp_path))
+    assert again.proc.returncode == 0, again.describe()
+    # 3 passes (transfer x2, finetune x1), each with one validation pass.
+    assert summary(bucket, prefix)["corrupt_records"] == {
+        "train": {"skipped": 6, "records": 2, "reasons": {"bad_label": 6}},
+        "validation": {"skipped": 3, "records": 1, "reasons": {"bad_label": 3}},
+    }

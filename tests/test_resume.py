@@ -356,10 +356,42 @@ def _delete_folder(bucket, folder: str) -> None:
     assert bucket.delete_prefix(folder) > 0
 
 
+def _truncate_array_shard(bucket, folder: str) -> None:
+    blob = bucket.bucket.blob(f"{folder}arrays-00000.bin")
+    blob.upload_from_string(blob.download_as_bytes()[:-1000])
+
+
+def _state_not_json(bucket, folder: str) -> None:
+    """state.json garbled, and the manifest updated to match: only the JSON
+    parse can tell."""
+    import google_crc32c
+
+    garbage = b"{this is not json"
+    bucket.bucket.blob(f"{folder}state.json").upload_from_string(garbage)
+    manifest = json.loads(bucket.read(f"{folder}manifest.json"))
+    manifest["files"]["state.json"] = {
+        "size": len(garbage),
+        "crc32c": google_crc32c.value(garbage),
+    }
+    bucket.bucket.blob(f"{folder}manifest.json").upload_from_string(
+        json.dumps(manifest)
+    )
+
+
 @pytest.mark.parametrize(
     "damage, reported",
-    [(_flip_a_byte, "CRC32C"), (_delete_folder, "missing")],
-    ids=["corrupt_newest", "deleted_latest_target"],
+    [
+        (_flip_a_byte, "CRC32C"),
+        (_delete_folder, "missing"),
+        (_truncate_array_shard, "the manifest says"),
+        (_state_not_json, "unreadable metadata"),
+    ],
+    ids=[
+        "corrupt_newest",
+        "deleted_latest_target",
+        "truncated_shard",
+        "state_not_json",
+    ],
 )
 def test_bad_newest_checkpoint_falls_back(
     gcs_bucket, digits_dir, tmp_path, damage, reported

@@ -20,6 +20,7 @@ import pytest
 
 from tests import gce_metadata
 from trainer import config, submit
+from trainer.errors import SubmitError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 JOB = str(ROOT / "jobs" / "digits.toml")
@@ -597,8 +598,9 @@ def test_failing_cli_raises(tmp_path, monkeypatch):
     bin_dir.mkdir()
     fake_tool(bin_dir, "kaggle", exit_code=1)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    # The tool printed why; ours is one line (exit 2), not a traceback.
     with pytest.raises(
-        RuntimeError, match=r"kaggle kernels push -p .* failed with exit code 1"
+        SubmitError, match=r"kaggle kernels push -p .* failed with exit code 1"
     ):
         submit.submit(
             "kaggle", JOB, "gs://b/r", out_dir=str(tmp_path / "k"), **OPTIONS["kaggle"]
