@@ -20,7 +20,7 @@ import pytest
 
 from tests import gce_metadata
 from tests.fault_proxy import FaultProxy
-from tests.test_cli import ROOT
+from tests.test_cli import ROOT, trainer
 from tests.test_resume import (
     TOTAL_STEPS,
     Bucket,
@@ -185,18 +185,6 @@ def test_gce_notice_saves_and_exits_75(gcs_bucket, digits_dir, tmp_path):
 
 # ---------------------------------------------------------------------------
 # One clear line for what the user must fix
-
-
-def trainer(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "trainer", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_garbage_in_latest_exits_2(digits_dir, tmp_path):
