@@ -337,13 +337,19 @@ def test_gce_refuses_images_with_an_old_python(tmp_path):
         )
 
 
-def test_gce_names_start_with_a_letter(tmp_path):
-    job = tmp_path / "job.toml"
+def job_named(tmp_path, name: str) -> pathlib.Path:
+    """The digits job under another `name` (which submit derives names from)."""
+    job = tmp_path / f"{name.replace(' ', '-')}.toml"
     job.write_text(
         pathlib.Path(JOB)
         .read_text()
-        .replace('name = "digits-resnet50"', 'name = "2024 run"')
+        .replace('name = "digits-resnet50"', f"name = {json.dumps(name)}")
     )
+    return job
+
+
+def test_gce_names_start_with_a_letter(tmp_path):
+    job = job_named(tmp_path, "2024 run")
     result = submit.submit(
         "gce", str(job), "gs://bucket/runs/r1", dry_run=True, overrides=GCS_DATA,
         out_dir=str(tmp_path / "o"), package=PACKAGE,
@@ -1175,12 +1181,7 @@ def test_short_kernel_slugs_are_refused_before_kaggle_does(tmp_path, monkeypatch
         dry_run("kaggle", tmp_path, kernel_id="me/cnn")
     # A default derived from a short job name is lengthened instead.
     monkeypatch.setenv("KAGGLE_USERNAME", "me")
-    job = tmp_path / "cnn.toml"
-    job.write_text(
-        pathlib.Path(JOB)
-        .read_text()
-        .replace('name = "digits-resnet50"', 'name = "cnn"')
-    )
+    job = job_named(tmp_path, "cnn")
     result = submit.submit(
         "kaggle", str(job), "gs://b/r", dry_run=True, package=PACKAGE,
         out_dir=str(tmp_path / "k"),

@@ -7,6 +7,7 @@ TensorFlow import, and the heavy ones print no C++ banner.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -19,24 +20,32 @@ def import_tensorflow():
     error a user of the CLI needs. Python errors of the import still surface:
     stderr is restored before they propagate. TF_CPP_MIN_LOG_LEVEL=0 keeps all.
     """
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        import tensorflow
+    if (
+        "tensorflow" not in sys.modules
+        and os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0"
+    ):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        with _stderr_muted():
+            import tensorflow  # noqa: F401
+    import tensorflow
 
-        return tensorflow
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return tensorflow
+
+
+@contextlib.contextmanager
+def _stderr_muted():
+    """File descriptor 2 to /dev/null (C++ logging bypasses `sys.stderr`)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):  # No real stderr (some notebook hosts).
-        import tensorflow
-
-        return tensorflow
+        yield
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    return tensorflow

@@ -233,6 +233,12 @@ class CheckpointManager:
             f"step {step}. The newer run owns the checkpoints now; let it continue."
         )
 
+    def _is_mine(self, owner: dict[str, Any] | None) -> bool:
+        """Whether an OWNER record holds this trainer's token."""
+        return owner is not None and owner.get("token") == (self._owner or {}).get(
+            "token"
+        )
+
     def _owns(self) -> bool:
         """Whether OWNER still holds this trainer's token.
 
@@ -240,13 +246,12 @@ class CheckpointManager:
         has moved under us, this tells a rival's claim from our own commit
         whose response was lost.
         """
-        current = self._read_owner()
-        return current is not None and current.get("token") == self._owner["token"]
+        return self._is_mine(self._read_owner())
 
     def _check_owner(self, step: int) -> None:
         """Fails fast before uploading when another trainer has claimed."""
         current = self._read_owner()
-        if current is None or current.get("token") != (self._owner or {}).get("token"):
+        if not self._is_mine(current):
             raise self._fenced(step, current)
 
     # -- reading LATEST ----------------------------------------------------
@@ -536,7 +541,7 @@ class CheckpointManager:
         else:
             with self._locked():
                 current = self._read_owner()
-                if current is None or current.get("token") != self._owner["token"]:
+                if not self._is_mine(current):
                     raise self._fenced(step, current)
                 storage.write_bytes(latest_url, text)
         self._floor = step

@@ -485,7 +485,8 @@ def _iter_shard(
                         f"framed; {_REMEDY}"
                     )
                     if skip_mode:
-                        _skip(skipped, index, "crc_mismatch", msg + " (rest skipped)")
+                        msg += " (rest of shard skipped)"
+                        _skip(skipped, index, "crc_mismatch", msg)
                         return
                     raise _fail(msg)
             end = pos + 16 + length
@@ -1025,15 +1026,8 @@ def _resize(image, size: int):
     )
 
 
-def _decode_fn(spec, *, epoch: int | None, weighted: bool = False):
-    """Decode, resize and (when `epoch` is given) augment one record.
-
-    With `weighted`, also returns the example weight 1.0 (evaluation pads its
-    last batch with weight 0.0). It is added here rather than by a second map:
-    tf.data's map fusion would fuse that map into this parallel one as a
-    sequential MapDataset (decoding on one core), logging an error-looking
-    "NodeDef mentions attribute use_unbounded_threadpool" line as it does.
-    """
+def _decode_fn(spec, *, epoch: int | None):
+    """Decode, resize and (when `epoch` is given) augment one record."""
     size = spec.data.image_size
     mode = spec.data.augment if epoch is not None else "none"
     base = None
@@ -1053,10 +1047,7 @@ def _decode_fn(spec, *, epoch: int | None, weighted: bool = False):
                 image = _resize(image, size)
             if mode in ("flip", "flip_crop"):
                 image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-        image = tf.ensure_shape(image, [size, size, 3])
-        if weighted:
-            return image, label, tf.constant(1.0)
-        return image, label
+        return tf.ensure_shape(image, [size, size, 3]), label
 
     return decode
 
@@ -1093,13 +1084,11 @@ def _records_dataset(gen) -> tf.data.Dataset:
     )
 
 
-def _decoded(
-    spec, records: tf.data.Dataset, epoch: int | None, weighted: bool = False
-) -> tf.data.Dataset:
+def _decoded(spec, records: tf.data.Dataset, epoch: int | None) -> tf.data.Dataset:
     # The reader threads already parsed each tf.train.Example (to check it and
     # name the record when it is bad), so image bytes and labels arrive here.
     ds = records.unbatch().map(
-        _decode_fn(spec, epoch=epoch, weighted=weighted),
+        _decode_fn(spec, epoch=epoch),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -1203,7 +1192,7 @@ def eval_dataset(
         finally:
             stop.set()
 
-    ds = _decoded(spec, _records_dataset(gen), None, weighted=True).batch(batch)
+    ds = _decoded(spec, _records_dataset(gen), None).batch(batch)
     # Padding whole batches, not records: a concatenate right behind the
     # parallel decode makes op determinism rewrite that decode into a
     # sequential MapDataset (one core, and an "E0000 NodeDef mentions
@@ -1220,12 +1209,13 @@ def eval_dataset(
     return ds.take(steps * local).prefetch(tf.data.AUTOTUNE)
 
 
-def _pad_batch(images, labels, weights, *, batch: int):
-    """Pads a short last batch to `batch` with zero images of weight 0.0."""
+def _pad_batch(images, labels, *, batch: int):
+    """Weights 1.0 for a batch's examples; a short last batch is padded to
+    `batch` with zero images of weight 0.0."""
     missing = batch - tf.shape(labels)[0]
     images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
+    weights = tf.pad(tf.ones_like(labels, tf.float32), [[0, missing]])
     labels = tf.pad(labels, [[0, missing]])
-    weights = tf.pad(weights, [[0, missing]])
     return (
         tf.ensure_shape(images, [batch, *images.shape[1:]]),
         tf.ensure_shape(labels, [batch]),

@@ -8,13 +8,13 @@ second SIGINT still raises KeyboardInterrupt, for a user who means it).
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
 import signal
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -218,7 +218,7 @@ class PreemptionWatcher:
             began = time.monotonic()
             try:
                 body, new_etag = self._get(etag)
-            except (OSError, urllib.error.URLError) as e:
+            except (OSError, http.client.HTTPException) as e:  # URLError is an OSError.
                 failures += 1
                 log.debug("metadata watch of %s failed: %s", self.metadata_url, e)
                 self._stop.wait(min(self.poll_seconds * failures, 60.0))

@@ -76,12 +76,13 @@ def _refusal(url: str, action: str, e: BaseException) -> str:
         bucket = url.split("://", 1)[1].split("/", 1)[0]
         where = f"gs://{bucket}"
         remedy = (
-            f"give the account this runs as write access to {where} (e.g. "
-            "roles/storage.objectAdmin), and check that the bucket has no "
-            "retention policy or lock that forbids it"
+            f"give the account this runs as the right to {action} objects in "
+            f"{where} (e.g. roles/storage.objectAdmin)"
         )
+        if action in ("write", "delete"):
+            remedy += ", and check that the bucket has no retention policy or lock"
     else:
-        remedy = f"check the permissions of {where} for the user this runs as"
+        remedy = f"check that the user this runs as may {action} {where}"
     return f"the store refused to {action} {url} ({detail}); {remedy}"
 
 
