@@ -71,8 +71,8 @@ def test_a_gpu_that_tensorflow_cannot_see_is_reported_loudly(
         (tmp_path / name).write_text("")
     monkeypatch.setattr(runtime, "NVIDIA_DEVICE_DIR", str(tmp_path))
     with caplog.at_level("WARNING", logger="trainer.runtime"):
-        rt = runtime.setup(config.RuntimeConfig(strategy="auto"))
-    assert rt.device_type == "cpu"
+        with runtime.setup(config.RuntimeConfig(strategy="auto")) as rt:
+            assert rt.device_type == "cpu"
     (message,) = [r.getMessage() for r in caplog.records if "NVIDIA" in r.getMessage()]
     assert "1 NVIDIA GPU(s) (nvidia0) but TensorFlow sees none" in message
     assert "LD_LIBRARY_PATH=/usr/local/nvidia/lib64" in message
@@ -136,3 +136,21 @@ def test_dockerfile_passes_hadolint():
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_run_leaves_no_process_wide_settings_behind():
+    # A notebook that runs a deterministic bfloat16 job, then its own Keras
+    # code (or a second job), gets its own settings back.
+    import keras
+    from tensorflow.python.framework import config as tf_config
+
+    from trainer import config, runtime
+
+    before = keras.mixed_precision.global_policy().name
+    spec = config.RuntimeConfig(strategy="cpu", mixed_precision="mixed_bfloat16")
+    with runtime.setup(spec, deterministic=True, seed=3) as rt:
+        assert rt.precision == "mixed_bfloat16"
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        assert tf_config.is_op_determinism_enabled()
+    assert keras.mixed_precision.global_policy().name == before
+    assert not tf_config.is_op_determinism_enabled()

@@ -14,21 +14,20 @@ tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import config, input_pipeline, models, storage  # noqa: E402,F401  (models registers layers)
+from trainer import config, models, steps, storage, workdir  # noqa: E402,F401  (models registers layers)
 from trainer.errors import DataError, NotFound  # noqa: E402
 
 
-def load_run(workdir: str) -> tuple[config.JobSpec, keras.Model]:
+def load_run(root: str) -> tuple[config.JobSpec, keras.Model]:
     """The job spec and exported model of a completed run.
 
     Raises:
-      FileNotFoundError: naming what is missing and the remedy.
+      NotFound: naming what is missing and the remedy.
     """
-    job_url = storage.join(workdir, "job.json")
-    model_url = storage.join(workdir, "export", "model.keras")
+    job_url, model_url = workdir.job(root), workdir.model(root)
     if not storage.exists(job_url):
         raise NotFound(
-            f"{job_url} not found: is {workdir} the --workdir of a `trainer train` run?"
+            f"{job_url} not found: is {root} the --workdir of a `trainer train` run?"
         )
     if not storage.exists(model_url):
         raise NotFound(
@@ -43,20 +42,21 @@ def load_run(workdir: str) -> tuple[config.JobSpec, keras.Model]:
     return spec, model
 
 
-def evaluate(workdir: str, data: str | None = None) -> dict[str, Any]:
+def evaluate(root: str, data: str | None = None) -> dict[str, Any]:
     """Accuracy, loss and the confusion matrix of the exported model on `data`."""
-    spec, model = load_run(workdir)
+    spec, model = load_run(root)
     if data:
         spec = dataclasses.replace(
             spec, data=dataclasses.replace(spec.data, validation=data)
         )
-    num_classes = max(spec.data.num_classes, 2)
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    for images, labels, weights in input_pipeline.eval_dataset(spec):
-        probs = model.predict_on_batch(tf.cast(images, tf.float32))
-        pred = _classes(probs, spec.data.num_classes)
-        keep = weights.numpy() > 0
-        np.add.at(confusion, (labels.numpy()[keep], pred[keep]), 1)
+    # The validation the training loop runs, on one device.
+    strategy = tf.distribute.get_strategy()
+    eval_fn = steps.make_eval_step(model, strategy, num_classes=spec.data.num_classes)
+    val = steps.evaluate(eval_fn, spec, strategy)
+    size = max(spec.data.num_classes, 2)
+    confusion = np.zeros((size, size), np.int64)
+    if val["confusion"] is not None:  # None: no validation records at all.
+        confusion += np.rint(val["confusion"]).astype(np.int64)
     total = int(confusion.sum())
     accuracy = float(np.trace(confusion)) / max(total, 1)
     names = spec.class_names()
@@ -69,9 +69,9 @@ def evaluate(workdir: str, data: str | None = None) -> dict[str, Any]:
     return {"accuracy": accuracy, "count": total, "confusion": confusion.tolist()}
 
 
-def predict(workdir: str, urls: list[str]) -> list[dict[str, Any]]:
+def predict(root: str, urls: list[str]) -> list[dict[str, Any]]:
     """Top class and probability for each image file or URL."""
-    spec, model = load_run(workdir)
+    spec, model = load_run(root)
     names = spec.class_names()
     size = spec.data.image_size
     results = []
@@ -85,19 +85,11 @@ def predict(workdir: str, urls: list[str]) -> list[dict[str, Any]]:
         except tf.errors.InvalidArgumentError:
             raise DataError(f"{url} is not a JPEG, PNG, GIF or BMP image") from None
         image = tf.image.resize(tf.cast(image, tf.float32), (size, size))
-        probs = model.predict_on_batch(image[None])[0]
-        cls = int(_classes(probs[None], spec.data.num_classes)[0])
-        if spec.data.num_classes == 1:  # Sigmoid: probs[0] is P(class 1).
-            p = float(probs[0]) if cls else 1.0 - float(probs[0])
-        else:
-            p = float(probs[cls])
+        probs = model.predict_on_batch(image[None])
+        cls = int(steps.classes(probs, spec.data.num_classes)[0])
+        p = float(probs[0][0] if spec.data.num_classes == 1 else probs[0][cls])
+        if spec.data.num_classes == 1 and not cls:  # Sigmoid: P(class 1).
+            p = 1.0 - p
         results.append({"url": url, "class": cls, "name": names[cls], "probability": p})
         print(f"{url}\t{names[cls]}\t{p:.4f}")
     return results
-
-
-def _classes(probs: np.ndarray, num_classes: int) -> np.ndarray:
-    probs = np.asarray(probs)
-    if num_classes == 1:
-        return (probs.reshape(-1) > 0.5).astype(np.int64)
-    return probs.argmax(axis=-1)

@@ -236,9 +236,9 @@ def main(argv: list[str]) -> int:
         train.run(spec, workdir, deadline_seconds=deadline)
     elif command == "check":
         spec, workdir = _spec(), _workdir()
-        from trainer import train
+        from trainer import check
 
-        train.check(spec, workdir)
+        check.check(spec, workdir)
     elif command == "layers":
         from trainer import models
 

@@ -611,17 +611,6 @@ def build_model(spec: config.JobSpec) -> keras.Model:
     return keras.Model(inputs, out(x), name="classifier")
 
 
-def loss_and_metrics(num_classes: int) -> tuple[keras.losses.Loss, list]:
-    """The loss and the accuracy metric (named "accuracy") for the head."""
-    if num_classes == 1:
-        return keras.losses.BinaryCrossentropy(), [
-            keras.metrics.BinaryAccuracy(name="accuracy")
-        ]
-    return keras.losses.SparseCategoricalCrossentropy(), [
-        keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    ]
-
-
 def count_params(model: keras.Model) -> dict[str, int]:
     """`{"trainable": N, "non_trainable": M}` parameter counts of `model`."""
 

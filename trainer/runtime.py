@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import sys
+from typing import Iterator
 
 from trainer import config
 from trainer.errors import SetupError, SpecError
@@ -120,49 +122,78 @@ class Runtime:
         }
 
 
+@contextlib.contextmanager
 def setup(
     rt: config.RuntimeConfig, *, deterministic: bool = False, seed: int = 0
-) -> Runtime:
-    """Builds the strategy and sets the global precision policy.
+) -> Iterator[Runtime]:
+    """Builds the strategy and sets the precision policy for one run.
 
-    Must run before any other TensorFlow op: MultiWorkerMirroredStrategy and the
-    TPU system can only be initialised on a fresh context.
+    Must enter before any other TensorFlow op: MultiWorkerMirroredStrategy and
+    the TPU system can only be initialised on a fresh context. On exit, the
+    precision policy and op determinism are put back as they were, so a
+    notebook's next run (or its own Keras code) starts from its own choices.
     """
     from trainer import backend
 
     tf = backend.import_tensorflow()
     import keras
 
-    if deterministic:
-        # Same seeds and deterministic kernels: a resumed run then computes
-        # bit for bit what an uninterrupted one does.
-        keras.utils.set_random_seed(seed)
+    policy = keras.mixed_precision.global_policy()
+    with _op_determinism(tf, deterministic):
+        if deterministic:
+            # Same seeds and deterministic kernels: a resumed run then computes
+            # bit for bit what an uninterrupted one does.
+            keras.utils.set_random_seed(seed)
+        _split_cpu_for_tests(tf)
+        name = _auto_strategy(tf) if rt.strategy == "auto" else rt.strategy
+        strategy, device_type = _make_strategy(tf, name)
+        precision = _precision(tf, rt.mixed_precision, device_type)
+        keras.mixed_precision.set_global_policy(precision)
+        if device_type == "cpu":
+            message = unused_gpu_warning(len(tf.config.list_physical_devices("GPU")))
+            if message:
+                log.warning(message)
+        try:
+            yield Runtime(
+                strategy=strategy,
+                strategy_name=name,
+                device_type=device_type,
+                precision=precision,
+                num_replicas=strategy.num_replicas_in_sync,
+                is_chief=is_chief(strategy),
+                platform=detect_platform(),
+            )
+        finally:
+            keras.mixed_precision.set_global_policy(policy)
+
+
+@contextlib.contextmanager
+def _op_determinism(tf, enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while the run lasts; the previous setting after.
+
+    TensorFlow's public API can only turn determinism on; its own config
+    module (which `enable_op_determinism` calls into) can also read and undo it.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    before = tf_config.is_op_determinism_enabled()
+    if enabled and not before:
         tf.config.experimental.enable_op_determinism()
-    _split_cpu_for_tests(tf)
-    name = rt.strategy
-    if name == "auto":
-        name = _auto_strategy(tf)
-    strategy, device_type = _make_strategy(tf, name)
-    precision = rt.mixed_precision
-    if precision == "auto":
-        precision = {
-            "tpu": "mixed_bfloat16",
-            "gpu": "mixed_float16" if _gpus_have_tensor_cores(tf) else "float32",
-        }.get(device_type, "float32")
-    keras.mixed_precision.set_global_policy(precision)
-    if device_type == "cpu":
-        message = unused_gpu_warning(len(tf.config.list_physical_devices("GPU")))
-        if message:
-            log.warning(message)
-    return Runtime(
-        strategy=strategy,
-        strategy_name=name,
-        device_type=device_type,
-        precision=precision,
-        num_replicas=strategy.num_replicas_in_sync,
-        is_chief=is_chief(strategy),
-        platform=detect_platform(),
-    )
+    try:
+        yield
+    finally:
+        if enabled and not before:
+            tf_config.disable_op_determinism()
+
+
+def _precision(tf, requested: str, device_type: str) -> str:
+    """`runtime.mixed_precision`, with "auto" resolved for the device."""
+    if requested != "auto":
+        return requested
+    return {
+        "tpu": "mixed_bfloat16",
+        "gpu": "mixed_float16" if _gpus_have_tensor_cores(tf) else "float32",
+    }.get(device_type, "float32")
 
 
 # Where the NVIDIA driver's device nodes appear (/dev/nvidia0, ...), also inside

@@ -1,0 +1,145 @@
+"""`trainer check`: the local dry run that validates everything a real run needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from trainer import backend
+
+tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+
+import numpy as np  # noqa: E402
+
+from trainer import (  # noqa: E402
+    config,
+    input_pipeline,
+    models,
+    runtime,
+    steps,
+    storage,
+    train,
+)
+from trainer.errors import TrainingError  # noqa: E402
+
+
+def check(
+    spec: config.JobSpec, workdir: str, *, dry_run_steps: int = 2
+) -> dict[str, Any]:
+    """Validates everything a real run needs, prints the plan, runs a few steps.
+
+    Resolves the data globs, probes the workdir for write access, builds the
+    model (loading its weights), then runs `dry_run_steps` training steps per
+    phase with a tiny batch. Writes nothing to the workdir.
+
+    Returns:
+      The plan as a dict (also printed as a table).
+    """
+    with runtime.setup(
+        spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
+    ) as rt:
+        plan = _plan(spec, workdir, rt)
+        storage.check_writable(workdir)
+        with rt.strategy.scope():
+            model = models.build_model(spec)
+        weight_bytes = _nbytes(model.variables)
+        for phase in spec.phases:
+            row = _dry_run(spec, rt, model, phase, dry_run_steps)
+            row["checkpoint_bytes"] += weight_bytes
+            plan["phases"].append(row)
+    _print_plan(plan)
+    return plan
+
+
+def _plan(spec, workdir: str, rt) -> dict[str, Any]:
+    """The run's shape: where, on what, how much data, how often it saves."""
+    train_info = input_pipeline.split_info(spec, "train")
+    val_info = input_pipeline.split_info(spec, "validation")
+    return {
+        "job": spec.name,
+        "workdir": workdir,
+        **rt.describe(),
+        "global_batch_size": spec.train.global_batch_size,
+        "per_replica_batch_size": spec.train.global_batch_size // rt.num_replicas,
+        "train": f"{train_info['records']} records in {len(train_info['shards'])} shard(s)",
+        "validation": f"{val_info['records']} records in {len(val_info['shards'])} shard(s)",
+        "steps_per_epoch": input_pipeline.steps_per_epoch(spec),
+        "checkpoint_every_steps": spec.train.checkpoint_every_steps,
+        "phases": [],
+    }
+
+
+def _dry_run(spec, rt, model, phase, n: int) -> dict[str, Any]:
+    """`n` steps of `phase` with a tiny batch; the phase's row of the plan."""
+    train.set_trainable(model, spec, phase)
+    trainable = models.count_params(model)["trainable"]
+    jit = train.resolve_jit(spec, phase, rt.device_type)
+    with rt.strategy.scope():
+        optimizer = steps.make_optimizer(
+            spec.train.optimizer, phase.learning_rate, rt.precision
+        )
+        optimizer.build(model.trainable_variables)
+    batch = 2 * rt.num_replicas
+    tiny = dataclasses.replace(
+        spec, train=dataclasses.replace(spec.train, global_batch_size=batch)
+    )
+    dataset = rt.strategy.distribute_datasets_from_function(
+        lambda ctx: input_pipeline.train_dataset(tiny, epoch=0, input_context=ctx).take(
+            n * steps.local_replicas(ctx)
+        )
+    )
+    start = time.perf_counter()
+    step_fn = steps.make_train_step(
+        model,
+        optimizer,
+        rt.strategy,
+        num_classes=spec.data.num_classes,
+        global_batch=batch,
+        jit=jit,
+    )
+    try:
+        sums = steps.to_numpy(step_fn(iter(dataset), tf.constant(n)))
+    except tf.errors.OpError as e:
+        steps.explain_determinism(e, phase.name)
+        input_pipeline.reraise_data_error(e)
+    seconds = time.perf_counter() - start
+    if not np.isfinite(sums["loss"]):
+        raise TrainingError(
+            f"phase {phase.name!r}: non-finite loss in the dry run; lower "
+            f"phases.{phase.name}.learning_rate"
+        )
+    return {
+        "name": phase.name,
+        "epochs": phase.epochs,
+        "trainable_from": phase.trainable_from,
+        "trainable_params": trainable,
+        "jit_compile": jit,
+        "checkpoint_bytes": _nbytes(optimizer.variables),
+        "dry_run": f"{n} steps of batch {batch} in {seconds:.1f}s, "
+        f"loss {sums['loss'] / sums['count']:.3f}",
+    }
+
+
+def _nbytes(variables) -> int:
+    """Bytes of `variables` in a checkpoint (float32)."""
+    return sum(int(np.prod(v.shape)) * 4 for v in variables)
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    width = max(len(k) for k in plan)
+    for key, value in plan.items():
+        if key != "phases":
+            print(f"{key:<{width}}  {value}")
+    for p in plan["phases"]:
+        print(f"phase {p['name']}:")
+        for key, value in p.items():
+            if key == "name":
+                continue
+            shown = value
+            if isinstance(value, int) and not isinstance(value, bool):
+                shown = f"{value:,}"
+            if key == "checkpoint_bytes":
+                shown = f"{value / 2**20:.1f} MiB"
+            print(f"  {key:<18}{shown}")
+    print("check passed: nothing was written to the workdir")

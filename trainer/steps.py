@@ -1,0 +1,188 @@
+"""The compiled steps: a `tf.function` of n training steps, and evaluation, per strategy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer import backend
+
+tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+
+import keras  # noqa: E402
+
+from trainer import input_pipeline  # noqa: E402
+from trainer.errors import SpecError  # noqa: E402
+
+
+def make_optimizer(name: str, learning_rate: float, precision: str):
+    """The spec's optimizer, with loss scaling under float16."""
+    cls = {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate, momentum=0.9),
+        "rmsprop": keras.optimizers.RMSprop,
+    }[name]
+    optimizer = cls(learning_rate=learning_rate)
+    if precision == "mixed_float16":
+        # float16 gradients underflow without loss scaling (Keras mixed precision guide).
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def classes(outputs, num_classes: int):
+    """Class ids from the head's output: argmax of the softmax, or sigmoid > 0.5."""
+    if num_classes == 1:
+        return tf.cast(tf.reshape(outputs, (-1,)) > 0.5, tf.int32)
+    return tf.argmax(outputs, axis=-1, output_type=tf.int32)
+
+
+def per_example(num_classes: int, labels, outputs):
+    """Per-example loss, correctness and class, in float32 whatever the compute dtype."""
+    outputs = tf.cast(outputs, tf.float32)
+    if num_classes == 1:
+        y = tf.cast(tf.reshape(labels, (-1, 1)), tf.float32)
+        loss = keras.losses.binary_crossentropy(y, outputs)
+    else:
+        loss = keras.losses.sparse_categorical_crossentropy(labels, outputs)
+    pred = classes(outputs, num_classes)
+    correct = tf.cast(tf.equal(pred, tf.cast(labels, tf.int32)), tf.float32)
+    return loss, correct, pred
+
+
+def make_train_step(model, optimizer, strategy, *, num_classes, global_batch, jit):
+    """A `tf.function` running `n` steps (steps_per_execution) per call.
+
+    Returns:
+      `train_steps(iterator, n)` -> {"loss", "correct", "count"}: sums over the
+      `n` global batches.
+    """
+
+    def replica_step(images, labels):
+        # Watch only what this phase trains. Keras' frozen layers keep their
+        # tf.Variables "trainable" underneath, so a default tape would record
+        # the whole backbone and put its backward pass into the graph (XLA then
+        # compiles it, and op determinism rejects its MaxPool gradient).
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in model.trainable_variables])
+            outputs = model(tf.cast(images, tf.float32), training=True)
+            loss, correct, _ = per_example(num_classes, labels, outputs)
+            # Sum over the replica's examples / the global batch: summed across
+            # replicas this is the mean over the global batch.
+            scaled = tf.reduce_sum(loss) / global_batch
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                scaled = optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        return {
+            "loss": tf.reduce_sum(loss),
+            "correct": tf.reduce_sum(correct),
+            "count": count,
+        }
+
+    replica_fn = tf.function(replica_step, jit_compile=jit) if jit else replica_step
+
+    def reduce(value):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+    @tf.function
+    def train_steps(iterator, n):
+        loss = correct = count = tf.constant(0.0)
+        for _ in tf.range(n):
+            images, labels = next(iterator)
+            out = strategy.run(replica_fn, args=(images, labels))
+            loss += reduce(out["loss"])
+            correct += reduce(out["correct"])
+            count += reduce(out["count"])
+        return {"loss": loss, "correct": correct, "count": count}
+
+    return train_steps
+
+
+def make_eval_step(model, strategy, *, num_classes: int):
+    """A `tf.function` of one weighted validation batch: sums and confusion matrix."""
+    matrix_size = max(num_classes, 2)
+
+    def replica_step(images, labels, weights):
+        outputs = model(tf.cast(images, tf.float32), training=False)
+        loss, correct, pred = per_example(num_classes, labels, outputs)
+        confusion = tf.math.confusion_matrix(
+            tf.cast(labels, tf.int32),
+            pred,
+            num_classes=matrix_size,
+            weights=weights,
+            dtype=tf.float32,
+        )
+        return {
+            "loss": tf.reduce_sum(loss * weights),
+            "correct": tf.reduce_sum(correct * weights),
+            "count": tf.reduce_sum(weights),
+            "confusion": confusion,
+        }
+
+    @tf.function
+    def eval_step(images, labels, weights):
+        out = strategy.run(replica_step, args=(images, labels, weights))
+        return {
+            k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for k, v in out.items()
+        }
+
+    return eval_step
+
+
+def evaluate(eval_fn, spec, strategy, tally=None, pass_key=0) -> dict[str, Any]:
+    """`val_loss`, `val_accuracy` and the confusion matrix over `data.validation`."""
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: input_pipeline.eval_dataset(
+            spec, input_context=ctx, tally=tally, pass_key=pass_key
+        )
+    )
+    total: dict[str, Any] = {}
+    for images, labels, weights in dataset:
+        accumulate(total, to_numpy(eval_fn(images, labels, weights)))
+    count = max(float(total.get("count", 0.0)), 1.0)
+    return {
+        "val_loss": float(total.get("loss", 0.0)) / count,
+        "val_accuracy": float(total.get("correct", 0.0)) / count,
+        "confusion": total.get("confusion"),
+    }
+
+
+def explain_determinism(e: Exception, phase_name: str) -> None:
+    """Op determinism has no XLA kernel for some gradients: say which keys to change."""
+    if isinstance(e, tf.errors.UnimplementedError) and "deterministic" in str(e):
+        lines = str(e).strip().splitlines()
+        detail = next(
+            (ln for ln in lines if "deterministic" in ln), lines[0] if lines else ""
+        )
+        raise SpecError(
+            f"train.deterministic = true cannot run phase {phase_name!r} with XLA "
+            f"({detail.strip()}); set phases.{phase_name}.jit_compile = false, or "
+            "train.deterministic = false"
+        ) from None
+
+
+def local_replicas(ctx) -> int:
+    """Replicas fed by one input pipeline: each takes one element per step."""
+    return ctx.num_replicas_in_sync // ctx.num_input_pipelines
+
+
+def to_numpy(tensors: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (v.numpy() if v.shape.rank else float(v.numpy())) for k, v in tensors.items()
+    }
+
+
+def accumulate(total: dict[str, Any], sums: dict[str, Any]) -> None:
+    for k, v in sums.items():
+        total[k] = total.get(k, 0.0) + v
+
+
+def train_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Mean loss and accuracy from the sums of `train_steps`."""
+    count = max(float(sums.get("count", 0.0)), 1.0)
+    return {
+        "loss": float(sums.get("loss", 0.0)) / count,
+        "accuracy": float(sums.get("correct", 0.0)) / count,
+    }
