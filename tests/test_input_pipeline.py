@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import config, convert, input_pipeline, storage
-from trainer.input_pipeline import DataError
+from trainer import config, convert, input_pipeline, storage, tfrecord
+from trainer.errors import DataError
 
 
 def make_spec(data_dir: str, *, batch: int = 32, **data) -> config.JobSpec:
@@ -41,13 +41,6 @@ def _toml(v):
     return f'"{v}"' if isinstance(v, str) else str(v)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    input_pipeline.clear_cache()
-    yield
-    input_pipeline.clear_cache()
-
-
 @pytest.fixture
 def gcs_digits(gcs_server, gcs_bucket, digits_dir):
     """The session's digits shards copied into a fresh emulator bucket."""
@@ -62,7 +55,8 @@ def batches(ds) -> list[tuple[np.ndarray, ...]]:
 
 def stream_ids(spec, epoch, input_context=None) -> np.ndarray:
     """Record ids of a worker's epoch, in order, straight from the reader."""
-    gen = input_pipeline._train_records(spec, epoch, 0, input_context)
+    info = input_pipeline.split_info(spec, "train")
+    gen = input_pipeline._train_records(spec, info, epoch, 0, input_context)
     per_worker = input_pipeline.steps_per_epoch(spec) * spec.train.global_batch_size
     if input_context is not None:
         per_worker //= input_context.num_input_pipelines
@@ -81,7 +75,7 @@ def stream_ids(spec, epoch, input_context=None) -> np.ndarray:
 
 def test_records_round_trip_byte_for_byte_from_gcs(gcs_digits, digits_dir):
     for name in ("train-00000-of-00007.tfrecord", "validation-00006-of-00007.tfrecord"):
-        ours = list(input_pipeline.read_records(storage.join(gcs_digits, name)))
+        ours = list(tfrecord.read_records(storage.join(gcs_digits, name)))
         native = [
             r.numpy() for r in tf.data.TFRecordDataset(os.path.join(digits_dir, name))
         ]
@@ -90,8 +84,9 @@ def test_records_round_trip_byte_for_byte_from_gcs(gcs_digits, digits_dir):
 
 def test_epoch_reads_every_image_once_byte_for_byte(gcs_digits, digits_dir):
     spec = make_spec(gcs_digits, batch=1)  # batch 1: no remainder dropped
-    gen = input_pipeline._train_records(spec, 0, 0, None)
-    total = input_pipeline.split_info(spec, "train")["records"]
+    info = input_pipeline.split_info(spec, "train")
+    gen = input_pipeline._train_records(spec, info, 0, 0, None)
+    total = info["records"]
     got = []
     for images, _, _ in gen():
         got.extend(bytes(d) for d in images)
@@ -132,11 +127,24 @@ def test_split_info_counts_from_manifest_or_cached_count(tmp_path, digits_dir):
     spec = make_spec(data)
     assert input_pipeline.split_info(spec, "train")["records"] == 1438
     os.remove(os.path.join(data, "manifest.json"))
-    input_pipeline.clear_cache()
     info = input_pipeline.split_info(spec, "validation")
     assert info["records"] == 359 and len(info["shards"]) == 7
     cache = storage.read_json(os.path.join(data, input_pipeline.COUNTS_CACHE))
     assert sum(v["records"] for v in cache.values()) == 359
+
+
+def test_a_second_run_sees_data_added_since_the_first(tmp_path, digits_dir):
+    """No shard list or count outlives a call: a notebook that adds data and
+    trains again trains on it."""
+    data = str(tmp_path / "d")
+    storage.put(digits_dir, data)
+    spec = make_spec(data, batch=64)
+    assert input_pipeline.steps_per_epoch(spec) == 1438 // 64
+    _write_shard(f"{data}/train-extra.tfrecord", [_example()] * 130)
+    info = input_pipeline.split_info(spec, "train")
+    assert len(info["shards"]) == 8 and info["records"] == 1438 + 130
+    assert input_pipeline.steps_per_epoch(spec) == (1438 + 130) // 64
+    assert len(batches(input_pipeline.train_dataset(spec, epoch=0))) == 24
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +173,6 @@ def test_resume_at_step_equals_tail_of_uninterrupted_epoch(gcs_digits, augment):
 
 def test_augmentation_changes_images_but_not_labels(digits_dir):
     plain = batches(input_pipeline.train_dataset(make_spec(digits_dir), epoch=0))
-    input_pipeline.clear_cache()
     spec = make_spec(digits_dir, augment="flip_crop")
     aug = batches(input_pipeline.train_dataset(spec, epoch=0))
     np.testing.assert_array_equal(plain[0][1], aug[0][1])
@@ -254,15 +261,15 @@ def _example(label=3, image=None, keys=None) -> bytes:
 
 
 def _write_shard(url: str, records: list[bytes]) -> None:
-    storage.write_bytes(url, b"".join(convert.frame_record(r) for r in records))
+    storage.write_bytes(url, b"".join(tfrecord.frame_record(r) for r in records))
 
 
 def _bad_dir(tmp_path, bad_record: bytes | None = None, raw: bytes | None = None):
     data = str(tmp_path)
     good = [_example(label=i % 10) for i in range(20)]
-    blob = b"".join(convert.frame_record(r) for r in good)
+    blob = b"".join(tfrecord.frame_record(r) for r in good)
     if bad_record is not None:
-        blob += convert.frame_record(bad_record)
+        blob += tfrecord.frame_record(bad_record)
     if raw is not None:
         blob = raw
     storage.write_bytes(f"{data}/train-00000-of-00001.tfrecord", blob)
@@ -271,8 +278,12 @@ def _bad_dir(tmp_path, bad_record: bytes | None = None, raw: bytes | None = None
 
 
 def _consume(spec):
+    _drain(input_pipeline.train_dataset(spec, epoch=0))
+
+
+def _drain(ds):
     try:
-        batches(input_pipeline.train_dataset(spec, epoch=0))
+        batches(ds)
     except tf.errors.OpError as e:
         input_pipeline.reraise_data_error(e)
 
@@ -287,16 +298,16 @@ def test_glob_matching_nothing_names_the_glob(tmp_path):
 
 def test_shard_deleted_after_listing(gcs_digits):
     spec = make_spec(gcs_digits)
-    input_pipeline.split_info(spec, "train")
+    ds = input_pipeline.train_dataset(spec, epoch=0)  # Lists the shards now.
     storage.rm(storage.join(gcs_digits, "train-00003-of-00007.tfrecord"))
     with pytest.raises(
         DataError, match=r"train-00003-of-00007.tfrecord: shard not found"
     ):
-        _consume(spec)
+        _drain(ds)
 
 
 def test_truncated_shard(tmp_path):
-    good = b"".join(convert.frame_record(_example()) for _ in range(20))
+    good = b"".join(tfrecord.frame_record(_example()) for _ in range(20))
     data = _bad_dir(tmp_path, raw=good[:-100])
     with pytest.raises(
         DataError,
@@ -306,7 +317,7 @@ def test_truncated_shard(tmp_path):
 
 
 def test_crc_mismatch(tmp_path):
-    frame = convert.frame_record(_example())
+    frame = tfrecord.frame_record(_example())
     blob = bytearray(frame * 20)
     blob[9 * len(frame) + 12 + 40] ^= 0xFF  # inside record 9's data
     data = _bad_dir(tmp_path, raw=bytes(blob))
@@ -363,16 +374,17 @@ def test_memory_is_bounded_while_streaming_a_large_shard(tmp_path):
     url = str(tmp_path / "big.tfrecord")
     with open(url, "wb") as f:
         for _ in range(3000):  # ~24 MB, ~100 blocks
-            f.write(convert.frame_record(record))
-    input_pipeline._stats["max_buffer_bytes"] = 0
+            f.write(tfrecord.frame_record(record))
+    stats = tfrecord.ReadStats()
     tracemalloc.start()
     try:
-        n = sum(1 for _ in input_pipeline._iter_shard(url, block_size=block))
+        frames = tfrecord.iter_shard(url, block_size=block, stats=stats)
+        n = sum(1 for _ in frames)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert n == 3000
-    assert input_pipeline.reader_stats()["max_buffer_bytes"] <= block + len(record) + 16
+    assert block <= stats.max_buffer_bytes <= block + len(record) + 16
     assert peak < 4 * block + 1024 * 1024, peak
 
 
@@ -407,7 +419,7 @@ def test_transient_errors_are_retried(caplog):
     _write_shard("flaky://retry/a.tfrecord", records)
     _FlakyFS.failures = 2
     with caplog.at_level(logging.WARNING):
-        got = list(input_pipeline.read_records("flaky://retry/a.tfrecord"))
+        got = list(tfrecord.read_records("flaky://retry/a.tfrecord"))
     assert got == records and _FlakyFS.failures == 0
     assert caplog.text.count("transient error reading flaky://retry/a.tfrecord") == 2
 
@@ -415,7 +427,7 @@ def test_transient_errors_are_retried(caplog):
 def test_shard_deleted_mid_read(gcs_server, gcs_bucket):
     url = storage.join(gcs_bucket, "train-00000-of-00001.tfrecord")
     _write_shard(url, [_example(label=i % 10) for i in range(200)])  # ~100 kB
-    reader = input_pipeline._iter_shard(url, block_size=4096)
+    reader = tfrecord.iter_shard(url, block_size=4096)
     next(reader)
     storage.rm(url)
     with pytest.raises(
@@ -440,9 +452,11 @@ def test_every_start_record_on_uneven_shards(tmp_path, shuffle_buffer, workers):
     ctx = _context(workers, 3) if workers > 1 else None
     total = len(range(3, sum(sizes), workers)) if workers > 1 else sum(sizes)
 
+    info = input_pipeline.split_info(spec, "train")
+
     def ids_from(start):
         out = []
-        for _, _, ids in input_pipeline._train_records(spec, 5, start, ctx)():
+        for _, _, ids in input_pipeline._train_records(spec, info, 5, start, ctx)():
             out.extend(ids.tolist())
             if len(out) >= total - start:
                 return out[: total - start]
@@ -462,7 +476,6 @@ def test_undecodable_image_bytes(tmp_path):
     data = _bad_dir(tmp_path, bad_record=bad)
     with pytest.raises(DataError, match=r"image bytes could not be decoded"):
         _consume(make_spec(data, batch=7))
-    input_pipeline.clear_cache()
     spec = make_spec(data, batch=7, on_corrupt="skip")
     tally = input_pipeline.CorruptTally()
     assert len(batches(input_pipeline.train_dataset(spec, epoch=0, tally=tally))) == 3

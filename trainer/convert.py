@@ -11,39 +11,24 @@ from __future__ import annotations
 import io
 import logging
 import math
-import struct
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import tqdm
 
-from trainer import storage
+from trainer import backend, storage, tfrecord
 from trainer.errors import DataError, NotFound, UsageError
-from trainer.input_pipeline import MANIFEST, masked_crc32c
 
 DEFAULT_SHARD_BYTES = 100 * 1024 * 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _FORMATS = {"JPEG": b"jpeg", "PNG": b"png"}
 
 
-def frame_record(data: bytes) -> bytes:
-    """One TFRecord: uint64 length, masked CRC of length, data, masked CRC of data."""
-    length = struct.pack("<Q", len(data))
-    return b"".join(
-        (
-            length,
-            struct.pack("<I", masked_crc32c(length)),
-            data,
-            struct.pack("<I", masked_crc32c(data)),
-        )
-    )
-
-
 def make_example(
     encoded: bytes, label: int, *, height: int, width: int, fmt: bytes, text: str
 ) -> bytes:
     """A serialized `tf.train.Example` in the TF-slim / Model Garden schema."""
-    import tensorflow as tf  # Lazily: importing this module stays cheap.
+    tf = backend.import_tensorflow()  # Lazily: importing this module stays cheap.
 
     f = tf.train.Feature
     feature = {
@@ -119,7 +104,7 @@ def convert_sample_digits(
 
 def describe(manifest: dict[str, Any], out: str) -> str:
     """A short report of what a conversion wrote, for the CLI."""
-    lines = [f"wrote {out}/{MANIFEST}: {manifest['num_classes']} classes"]
+    lines = [f"wrote {out}/{tfrecord.MANIFEST}: {manifest['num_classes']} classes"]
     for split, info in manifest["splits"].items():
         lines.append(
             f"  {split}: {info['records']} records in {len(info['shards'])} shard(s)"
@@ -163,6 +148,31 @@ def convert_images(
       ValueError: it holds no class subfolders, or no JPEG/PNG images.
     """
     _check_fraction(validation_fraction)
+    class_names = _class_folders(images_dir)
+    files, sizes, labels = _class_images(images_dir, class_names)
+    label_arr = np.asarray(labels, np.int64)
+    train_idx, val_idx = _stratified_split(label_arr, validation_fraction, seed)
+
+    def records(indices: np.ndarray) -> Iterator[_Item]:
+        for i in indices:
+            yield _image_item(files[i], labels[i], class_names[labels[i]])
+
+    splits = {
+        "train": (records(train_idx), [sizes[i] for i in train_idx]),
+        "validation": (records(val_idx), [sizes[i] for i in val_idx]),
+    }
+    return _write_dataset(
+        out,
+        splits,
+        class_names=class_names,
+        shards=shards,
+        shard_bytes=shard_bytes,
+        source=images_dir,
+    )
+
+
+def _class_folders(images_dir: str) -> list[str]:
+    """The class subfolders of `images_dir`, sorted (hidden ones left out)."""
     if not storage.exists(images_dir) or not storage.isdir(images_dir):
         raise NotFound(
             f"--images={images_dir}: no such folder; expected a folder with one "
@@ -178,10 +188,16 @@ def convert_images(
             f"--images={images_dir}: no class subfolders; expected one subfolder "
             "per class (e.g. cats/, dogs/) holding its JPEG/PNG images"
         )
+    return class_names
+
+
+def _class_images(
+    images_dir: str, class_names: list[str]
+) -> tuple[list[str], list[int], list[int]]:
+    """(image URLs, their sizes in bytes, their labels) of all class folders."""
     files: list[str] = []
     sizes: list[int] = []
     labels: list[int] = []
-    fs, _ = storage.filesystem(images_dir)
     for label, name in enumerate(class_names):
         folder = storage.join(images_dir, name)
         for entry in storage.listdir(folder):
@@ -195,40 +211,27 @@ def convert_images(
             f"--images={images_dir}: no images (*.jpg, *.jpeg, *.png) in its class "
             f"subfolders {', '.join(class_names)}"
         )
-    label_arr = np.asarray(labels, np.int64)
-    train_idx, val_idx = _stratified_split(label_arr, validation_fraction, seed)
+    return files, sizes, labels
 
-    def records(indices: np.ndarray) -> Iterator[_Item]:
-        from PIL import Image
 
-        for i in indices:
-            data = storage.read_bytes(files[i])
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    width, height = im.size
-                    fmt = _FORMATS.get(im.format or "")
-                    if fmt is None:  # e.g. a GIF named .png: store it as PNG.
-                        data = _encode_png(np.asarray(im.convert("RGB")))
-                        fmt = b"png"
-            except Exception as e:  # PIL raises many types for bad files.
-                raise DataError(
-                    f"{files[i]}: not a readable JPEG/PNG image ({e}); remove or "
-                    "replace the file and run convert again"
-                ) from None
-            yield _Item(data, labels[i], height, width, fmt, class_names[labels[i]])
+def _image_item(url: str, label: int, text: str) -> _Item:
+    """One image file, its bytes as they are unless PIL calls it neither JPEG nor PNG."""
+    from PIL import Image
 
-    splits = {
-        "train": (records(train_idx), [sizes[i] for i in train_idx]),
-        "validation": (records(val_idx), [sizes[i] for i in val_idx]),
-    }
-    return _write_dataset(
-        out,
-        splits,
-        class_names=class_names,
-        shards=shards,
-        shard_bytes=shard_bytes,
-        source=images_dir,
-    )
+    data = storage.read_bytes(url)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            fmt = _FORMATS.get(im.format or "")
+            if fmt is None:  # e.g. a GIF named .png: store it as PNG.
+                data = _encode_png(np.asarray(im.convert("RGB")))
+                fmt = b"png"
+    except Exception as e:  # PIL raises many types for bad files.
+        raise DataError(
+            f"{url}: not a readable JPEG/PNG image ({e}); remove or "
+            "replace the file and run convert again"
+        ) from None
+    return _Item(data, label, height, width, fmt, text)
 
 
 # ---------------------------------------------------------------------------
@@ -309,54 +312,9 @@ def _write_dataset(
     widths: list[int] = []
     manifest_splits: dict[str, Any] = {}
     for split, (items, est_sizes) in splits.items():
-        if not est_sizes:
-            manifest_splits[split] = {"records": 0, "shards": []}
-            continue
-        bounds = _shard_bounds(est_sizes, shards, shard_bytes)
-        n_shards = len(bounds) - 1
-        it = iter(items)
-        entries = []
-        bar = tqdm.tqdm(total=len(est_sizes), desc=f"convert {split}", unit="img")
-        try:
-            for k in range(n_shards):
-                name = f"{split}-{k:05d}-of-{n_shards:05d}.tfrecord"
-                count = bounds[k + 1] - bounds[k]
-                written = 0
-                with storage.open_file(storage.join(out, name), "wb") as f:
-                    for _ in range(count):
-                        item = next(it)
-                        ex = make_example(
-                            item.encoded,
-                            item.label,
-                            height=item.height,
-                            width=item.width,
-                            fmt=item.fmt,
-                            text=item.text,
-                        )
-                        rec = frame_record(ex)
-                        f.write(rec)
-                        written += len(rec)
-                        heights.append(item.height)
-                        widths.append(item.width)
-                        bar.update(1)
-                entries.append({"name": name, "records": count, "bytes": written})
-        finally:
-            bar.close()
-        manifest_splits[split] = {
-            "records": sum(e["records"] for e in entries),
-            "shards": entries,
-        }
-        logging.info("convert: wrote %d %s shards to %s", n_shards, split, out)
-
-    def stats(values: list[int]) -> dict[str, float]:
-        if not values:
-            return {}
-        return {
-            "min": int(min(values)),
-            "max": int(max(values)),
-            "mean": round(float(np.mean(values)), 2),
-        }
-
+        manifest_splits[split] = _write_split(
+            out, split, items, est_sizes, shards, shard_bytes, (heights, widths)
+        )
     manifest = {
         "version": 1,
         "format": "TFRecord of tf.train.Example",
@@ -371,8 +329,65 @@ def _write_dataset(
         "source": source,
         "class_names": list(class_names),
         "num_classes": len(class_names),
-        "image_size": {"height": stats(heights), "width": stats(widths)},
+        "image_size": {"height": _stats(heights), "width": _stats(widths)},
         "splits": manifest_splits,
     }
-    storage.write_json(storage.join(out, MANIFEST), manifest)
+    storage.write_json(storage.join(out, tfrecord.MANIFEST), manifest)
     return manifest
+
+
+def _write_split(
+    out: str,
+    split: str,
+    items: Iterable[_Item],
+    est_sizes: list[int],
+    shards: int | None,
+    shard_bytes: int,
+    seen: tuple[list[int], list[int]],
+) -> dict[str, Any]:
+    """Writes one split's shards; its manifest entry. Image sizes go to `seen`."""
+    if not est_sizes:
+        return {"records": 0, "shards": []}
+    bounds = _shard_bounds(est_sizes, shards, shard_bytes)
+    n_shards = len(bounds) - 1
+    it = iter(items)
+    entries = []
+    bar = tqdm.tqdm(total=len(est_sizes), desc=f"convert {split}", unit="img")
+    try:
+        for k in range(n_shards):
+            name = f"{split}-{k:05d}-of-{n_shards:05d}.tfrecord"
+            count = bounds[k + 1] - bounds[k]
+            written = 0
+            with storage.open_file(storage.join(out, name), "wb") as f:
+                for _ in range(count):
+                    item = next(it)
+                    rec = tfrecord.frame_record(
+                        make_example(
+                            item.encoded,
+                            item.label,
+                            height=item.height,
+                            width=item.width,
+                            fmt=item.fmt,
+                            text=item.text,
+                        )
+                    )
+                    f.write(rec)
+                    written += len(rec)
+                    seen[0].append(item.height)
+                    seen[1].append(item.width)
+                    bar.update(1)
+            entries.append({"name": name, "records": count, "bytes": written})
+    finally:
+        bar.close()
+    logging.info("convert: wrote %d %s shards to %s", n_shards, split, out)
+    return {"records": sum(e["records"] for e in entries), "shards": entries}
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {
+        "min": int(min(values)),
+        "max": int(max(values)),
+        "mean": round(float(np.mean(values)), 2),
+    }

@@ -1,0 +1,337 @@
+"""TFRecord framing (write and read), masked CRC32C and block reads, no TensorFlow.
+
+A TFRecord file is a sequence of frames: uint64 length, masked CRC32C of the
+length, the record, masked CRC32C of the record. Reading is plain Python over
+fsspec (so any protocol works: gs, s3, file, memory, http) in `BLOCK_SIZE`
+blocks, reopened and retried after transient object-store errors, so memory
+does not grow with shard size and a bad frame is named by shard URL, byte
+offset and record index.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import threading
+import time
+from typing import Callable, Iterator
+
+import google_crc32c
+
+from trainer import storage
+from trainer.errors import DataError
+
+MANIFEST = "manifest.json"  # Record counts per shard, written by `trainer convert`.
+BLOCK_SIZE = 4 * 1024 * 1024  # Bytes per read from a shard.
+RETRIES = 5  # Attempts after a transient object-store error.
+REMEDY = (
+    're-create the shard with `trainer convert`, or set data.on_corrupt = "skip" '
+    "to drop corrupt records (they are counted and reported in summary.json)"
+)
+
+_HEADER = struct.Struct("<QI")  # Record length, masked CRC32C of the length.
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+# skipped(record index, reason): hears of each record dropped as corrupt.
+Skipped = Callable[[int, str], None]
+
+
+def masked_crc32c(data) -> int:
+    """TFRecord's masked CRC32C: rotate right by 15 and add a constant."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+    """One TFRecord: uint64 length, masked CRC of length, data, masked CRC of data."""
+    length = _U64.pack(len(data))
+    return b"".join(
+        (
+            length,
+            _U32.pack(masked_crc32c(length)),
+            data,
+            _U32.pack(masked_crc32c(data)),
+        )
+    )
+
+
+def skip_record(skipped: Skipped | None, index: int, reason: str, message: str) -> None:
+    """Logs a record dropped under data.on_corrupt = "skip" and tells `skipped`."""
+    if skipped is not None:
+        skipped(index, reason)
+    logging.warning("skipping corrupt data (data.on_corrupt = skip): %s", message)
+
+
+class ReadStats:
+    """The largest block buffer held by the shard reads this is passed to.
+
+    A memory check for tests and benchmarks: a reader holds at most one block
+    plus one record, whatever the shard size.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()  # Shard readers run in several threads.
+        self.max_buffer_bytes = 0
+
+    def note_buffer(self, size: int) -> None:
+        with self._lock:
+            self.max_buffer_bytes = max(self.max_buffer_bytes, size)
+
+
+# ---------------------------------------------------------------------------
+# Block reads with retries
+
+
+def _is_transient(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.EPIPE):
+        return True
+    code = getattr(e, "code", None) or getattr(e, "status", None)
+    if isinstance(code, int) and (code >= 500 or code == 429):
+        return True
+    return type(e).__name__ in (
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ServerTimeoutError",
+        "TransportError",
+    )
+
+
+class _BlockFile:
+    """Sequential block reads of one URL, reopened and retried on transient errors."""
+
+    def __init__(self, url: str, offset: int = 0, block_size: int = BLOCK_SIZE):
+        self.url, self.offset, self.block_size = url, offset, block_size
+        self._f = None
+
+    def _open(self):
+        fs, path = storage.filesystem(self.url)
+        # No fsspec cache layer: we already read big sequential blocks.
+        try:
+            f = fs.open(path, "rb", block_size=self.block_size, cache_type="none")
+        except TypeError:  # Filesystems whose open() takes no cache_type.
+            f = fs.open(path, "rb")
+        if self.offset:
+            f.seek(self.offset)
+        return f
+
+    def read(self) -> bytes:
+        delay = 0.5
+        for attempt in range(RETRIES + 1):
+            try:
+                if self._f is None:
+                    self._f = self._open()
+                data = self._f.read(self.block_size)
+                self.offset += len(data)
+                return data
+            except FileNotFoundError:
+                raise DataError(
+                    f"{self.url}: shard not found at byte offset {self.offset} (it "
+                    "was deleted or moved after the shards were listed); restore it, "
+                    "or fix the [data] glob and start the run again"
+                ) from None
+            except Exception as e:
+                if not _is_transient(e):
+                    raise
+                if attempt == RETRIES:
+                    raise DataError(
+                        f"{self.url}: read failed at byte offset {self.offset} "
+                        f"after {RETRIES} retries ({type(e).__name__}: {e}); "
+                        "check the object store and run the same command again"
+                    ) from None
+                logging.warning(
+                    "transient error reading %s at byte %d (%s); retry %d in %.1fs",
+                    self.url,
+                    self.offset,
+                    e,
+                    attempt + 1,
+                    delay,
+                )
+                self.close()
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def close(self):
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:  # Closing a broken connection may fail too.
+                pass
+            self._f = None
+
+
+# ---------------------------------------------------------------------------
+# Framing one shard
+
+
+class _Unframeable(Exception):
+    """The rest of a shard cannot be cut into frames (truncated, bad length)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+class _Frames:
+    """The frames of one shard, one at a time, read block by block.
+
+    The buffer holds at most one block plus one record, whatever the shard size.
+    """
+
+    def __init__(self, url: str, block_size: int, stats: ReadStats | None):
+        self.url = url
+        self.offset = 0  # Byte offset of the current frame in the shard.
+        self._file = _BlockFile(url, 0, block_size)
+        self._stats = stats
+        self._buf = b""
+        self._pos = 0  # Position of the current frame in _buf.
+        self._base = 0  # Byte offset of _buf[0] in the shard.
+        self._eof = False
+        self._length = 0  # Record length of the current frame.
+
+    def next(self, index: int, check_length: bool) -> bool:
+        """Buffers frame `index` whole; False at a clean end of the shard.
+
+        Raises:
+          _Unframeable: stray bytes, a length whose CRC does not match (when
+            `check_length`), or a frame cut short.
+        """
+        if len(self._buf) - self._pos < 12 and not self._fill(12):
+            stray = len(self._buf) - self._pos
+            if stray:
+                raise _Unframeable(
+                    "truncated",
+                    f"{self.url}: truncated shard: {stray} stray bytes at byte "
+                    f"offset {self._base + self._pos} (record {index}); {REMEDY}",
+                )
+            return False
+        length, length_crc = _HEADER.unpack_from(self._buf, self._pos)
+        self.offset = self._base + self._pos
+        if check_length and length_crc != masked_crc32c(
+            self._buf[self._pos : self._pos + 8]
+        ):
+            raise _Unframeable(
+                "crc_mismatch",
+                f"{self.url}: corrupt record length (CRC mismatch) at byte offset "
+                f"{self.offset} (record {index}); the rest of the shard cannot be "
+                f"framed; {REMEDY}",
+            )
+        if len(self._buf) < self._pos + 16 + length and not self._fill(16 + length):
+            raise _Unframeable(
+                "truncated",
+                f"{self.url}: truncated shard: record {index} at byte offset "
+                f"{self.offset} needs {16 + length} bytes, "
+                f"{len(self._buf) - self._pos} remain; {REMEDY}",
+            )
+        self._length = length
+        return True
+
+    def record(self) -> bytes:
+        start = self._pos + 12
+        return self._buf[start : start + self._length]
+
+    def record_crc(self) -> int:
+        return _U32.unpack_from(self._buf, self._pos + 12 + self._length)[0]
+
+    def advance(self) -> None:
+        self._pos += 16 + self._length
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _fill(self, need: int) -> bool:
+        """Makes `need` bytes available from the current frame; False at end of file."""
+        parts = [self._buf[self._pos :]]
+        have = len(parts[0])
+        self._base += self._pos
+        self._pos = 0
+        while have < need and not self._eof:
+            block = self._file.read()
+            if not block:
+                self._eof = True
+                break
+            parts.append(block)
+            have += len(block)
+        self._buf = b"".join(parts) if len(parts) > 1 else parts[0]
+        if self._stats is not None:
+            self._stats.note_buffer(len(self._buf))
+        return have >= need
+
+
+def iter_shard(
+    url: str,
+    *,
+    start: int = 0,
+    verify: bool = True,
+    on_corrupt: str = "error",
+    block_size: int = BLOCK_SIZE,
+    skipped: Skipped | None = None,
+    stats: ReadStats | None = None,
+) -> Iterator[tuple[int, bytes]]:
+    """Yields (record index, record bytes) of one shard from record `start` on.
+
+    Args:
+      url: the shard.
+      start: the first record to yield; the records before it are only framed.
+      verify: check the records' CRCs, and the length CRCs before `start` too
+        (False: only the length CRCs from `start` on, enough to count records).
+      on_corrupt: "error" raises DataError at the first bad frame; "skip"
+        drops a bad record (and the rest of the shard when it cannot be framed).
+      block_size: bytes per read.
+      skipped: `skipped(index, reason)` hears of each record dropped.
+      stats: where the buffer's high-water mark is noted.
+
+    Raises:
+      DataError: a bad frame (on_corrupt = "error"), a shard gone, or reads
+        that kept failing; it names the URL, byte offset and remedy.
+    """
+    frames = _Frames(url, block_size, stats)
+    skip_mode = on_corrupt == "skip"
+    index = 0
+    try:
+        while True:
+            try:
+                if not frames.next(index, check_length=verify or index >= start):
+                    return
+            except _Unframeable as e:
+                if not skip_mode:
+                    raise DataError(e.message) from None
+                note = " (rest of shard skipped)" if e.reason == "crc_mismatch" else ""
+                skip_record(skipped, index, e.reason, e.message + note)
+                return
+            if index >= start:
+                data = frames.record()
+                if verify and masked_crc32c(data) != frames.record_crc():
+                    msg = (
+                        f"{url}: CRC mismatch in record {index} at byte offset "
+                        f"{frames.offset}; {REMEDY}"
+                    )
+                    if not skip_mode:
+                        raise DataError(msg)
+                    skip_record(skipped, index, "crc_mismatch", msg)
+                else:
+                    yield index, data
+            frames.advance()
+            index += 1
+    finally:
+        frames.close()
+
+
+def read_records(url: str, *, start: int = 0, verify: bool = True) -> Iterator[bytes]:
+    """The serialized records of one shard, CRC-checked (for tests and tools).
+
+    Args:
+      url: the shard.
+      start: the first record to yield.
+      verify: check the CRCs (see `iter_shard`).
+
+    Yields:
+      Each record's bytes.
+    """
+    for _, data in iter_shard(url, start=start, verify=verify):
+        yield data
