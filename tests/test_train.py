@@ -184,3 +184,19 @@ def test_unwritable_workdir_is_named(digits, gcs_server, tmp_path):
     """A bucket that does not exist: exit 2 naming the workdir, nothing written."""
     proc = trainer("check", *job_args(digits, "gs://no-such-bucket-here/run"))
     assert_bad_input(proc, r"workdir gs://no-such-bucket-here/run is not writable")
+
+
+@pytest.mark.parametrize(
+    "monitor, values",
+    [("val_accuracy", [0.5, 0.9, 0.6, 0.9]), ("val_loss", [0.3, 0.1, 0.2, 0.1])],
+)
+def test_best_step_follows_the_monitor(monitor, values):
+    """The training state is the one home of the best step that retention keeps."""
+    from trainer import config, train
+
+    spec = config.load(str(ROOT / "jobs/digits.toml"), [f"train.monitor={monitor}"])
+    state = train.TrainState()
+    for step, value in enumerate(values, 1):
+        state.global_step = step
+        train._update_best(spec, state, value)
+    assert (state.best_step, state.best_metric) == (2, values[1])  # A tie keeps 2.

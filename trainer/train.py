@@ -124,7 +124,7 @@ def run(
         if arrays is not None and state.phase_index >= len(spec.phases):
             # Trained, but not yet exported: the model weights are all we need.
             model_arrays = {k: v for k, v in arrays.items() if k.startswith("model/")}
-            checkpoint.assign_variables(model, None, model_arrays)
+            models.assign_variables(model, None, model_arrays)
         watcher = preemption.PreemptionWatcher(
             deadline_seconds=deadline_seconds,
             budget_seconds=spec.train.preemption_budget_seconds,
@@ -210,7 +210,7 @@ def _train_phase(spec, rt, model, state, arrays, ckpt, watcher, logs) -> None:
         same_phase = state.optimizer_phase == state.phase_index
         if not same_phase:  # Slots of another phase's optimizer: start fresh.
             arrays = {k: v for k, v in arrays.items() if not k.startswith("optimizer/")}
-        checkpoint.assign_variables(model, optimizer if same_phase else None, arrays)
+        models.assign_variables(model, optimizer if same_phase else None, arrays)
     state.optimizer_phase = state.phase_index
     steps = _phase_steps(spec, phase)
     counts = models.count_params(model)
@@ -556,8 +556,9 @@ def _save(ckpt, model, optimizer, state, *, metric=None, blocking=False) -> None
     payload["optimizer_phase"] = None if optimizer is None else state.optimizer_phase
     ckpt.save(
         state.global_step,
-        lambda: checkpoint.snapshot_variables(model, optimizer),
+        lambda: models.snapshot_variables(model, optimizer),
         payload,
+        best_step=state.best_step,
         metric=metric,
         blocking=blocking,
     )
