@@ -1,16 +1,19 @@
-"""Checkpoint manager on memory://, a local folder and the GCS emulator."""
+"""Checkpoint manager, fence, format and retention on memory://, local and GCS."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 
 import numpy as np
 import pytest
 
-from trainer import checkpoint, storage
-from trainer.checkpoint import CheckpointError, CheckpointManager, FencedError
+from trainer import checkpoint_catalog, checkpoint_format, fence, storage
+from trainer.background import BackgroundWriter
+from trainer.checkpoint import CheckpointManager
+from trainer.errors import CheckpointError, FencedError
 
 
 @pytest.fixture(params=["memory", "local", "gcs"])
@@ -114,6 +117,73 @@ def test_wait_reraises_background_failure(workdir):
     assert b.latest_step() == 1
 
 
+def test_close_without_raising_logs_the_failure(workdir, caplog):
+    a = manager(workdir)
+    a.save(1, arrays_at(1), {}, blocking=True)
+    manager(workdir)
+    a.save(2, arrays_at(2), {})  # Fenced in the background.
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        a.close(raise_errors=False)
+    assert "failed too" in caplog.text and "taken over" in caplog.text
+    a.close()  # Idempotent.
+    with pytest.raises(CheckpointError, match="after close"):
+        a.save(3, arrays_at(3), {})
+
+
+def test_snapshot_is_taken_after_the_previous_upload(workdir):
+    m = manager(workdir)
+    m.save(1, arrays_at(1), {})
+    durable_at_snapshot = []
+
+    def snapshot():
+        durable_at_snapshot.append(m.last_durable_step)
+        return arrays_at(2)
+
+    m.save(2, snapshot, {}, blocking=True)
+    assert durable_at_snapshot == [1]  # At most two copies in host memory.
+    assert m.last_durable_step == 2
+
+
+def test_writer_surfaces_a_job_error_once_at_the_next_call():
+    writer = BackgroundWriter("test")
+    release = threading.Event()
+    ran = []
+
+    def upload():
+        release.wait(10)
+        raise OSError("upload refused")
+
+    writer.submit(upload)  # Returns while the job runs.
+    assert not ran
+    release.set()
+    with pytest.raises(OSError, match="upload refused"):
+        writer.submit(ran.append, 1)  # Waits for the job; does not start its own.
+    assert ran == []
+    writer.wait()  # The error is raised once.
+    writer.submit(ran.append, 2)
+    writer.wait()
+    assert ran == [2]
+    writer.submit(upload)
+    with pytest.raises(OSError, match="upload refused"):
+        writer.close()
+
+
+def test_writer_runs_one_job_at_a_time():
+    writer = BackgroundWriter("test")
+    running, overlaps = [], []
+
+    def job(n):
+        running.append(n)
+        overlaps.append(len(running))
+        time.sleep(0.05)
+        running.remove(n)
+
+    for n in range(3):
+        writer.submit(job, n)
+    writer.close()
+    assert overlaps == [1, 1, 1]
+
+
 def test_checkpoint_without_latest_is_ignored(workdir, caplog):
     m = manager(workdir)
     m.save(1, arrays_at(1), {"step": 1}, blocking=True)
@@ -206,13 +276,13 @@ def test_resume_after_fallback_can_commit(workdir):
 
 
 def test_retention_keeps_newest_and_best(workdir):
-    m = manager(workdir, keep=2, mode="max")
-    metrics = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: None}
-    for step, metric in metrics.items():
-        m.save(step, arrays_at(step), {"step": step}, metric=metric)
+    m = manager(workdir, keep=2)
+    # The caller's best step as it moves: 1, then 2, which stays the best.
+    best = {1: 1, 2: 2, 3: 2, 4: 2, 5: 2}
+    for step, best_step in best.items():
+        m.save(step, arrays_at(step), {"step": step}, best_step=best_step)
     m.close()
     assert sorted(committed(workdir)) == [2, 4, 5]
-    assert m.best_step() == 2
     if workdir.startswith("gs://"):
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage as gcs
@@ -224,12 +294,50 @@ def test_retention_keeps_newest_and_best(workdir):
         assert [n for n in names if "ckpt-000000002/" in n]
 
 
-def test_retention_min_mode(workdir):
-    m = manager(workdir, keep=1, mode="min", monitor="val_loss")
-    for step, loss in ((1, 0.3), (2, 0.1), (3, 0.2)):
-        m.save(step, arrays_at(step), {}, metric=loss)
+def test_retention_without_best_keeps_newest(workdir):
+    m = manager(workdir, keep=1)
+    for step in (1, 2, 3):
+        m.save(step, arrays_at(step), {}, best_step=None)
     m.close()
-    assert sorted(committed(workdir)) == [2, 3]
+    assert committed(workdir) == [3]
+
+
+@pytest.mark.parametrize(
+    "steps, keep, best_step, deleted",
+    [
+        ([], 3, None, []),
+        ([1, 2], 3, None, []),
+        ([1, 2, 3, 4, 5], 2, None, [1, 2, 3]),
+        ([5, 1, 4, 2, 3], 2, 2, [1, 3]),  # Any order; the best is kept besides.
+        ([1, 2, 3], 2, 3, [1]),  # The best among the newest: nothing extra kept.
+        ([1, 2, 3], 1, 7, [1, 2]),  # A best step without a folder keeps nothing.
+        ([1, 2, 3], 0, 2, [1, 3]),
+    ],
+)
+def test_steps_to_delete(steps, keep, best_step, deleted):
+    assert checkpoint_catalog.steps_to_delete(steps, keep, best_step) == deleted
+
+
+def test_manifest_records_metric_and_writer(workdir):
+    m = manager(workdir, monitor="val_loss", mode="min")
+    m.save(3, arrays_at(3), {}, best_step=3, metric=0.25, blocking=True)
+    url = storage.join(m.checkpoint_url(3), checkpoint_format.MANIFEST)
+    manifest = storage.read_json(url)
+    assert {
+        k: manifest[k] for k in ("format", "step", "metric", "monitor", "mode")
+    } == {
+        "format": 1,
+        "step": 3,
+        "metric": 0.25,
+        "monitor": "val_loss",
+        "mode": "min",
+    }
+    assert set(manifest["writer"]) == {"host", "pid", "started"}
+    assert sorted(manifest["files"]) == [
+        "arrays-00000.bin",
+        "arrays.json",
+        "state.json",
+    ]
 
 
 def test_fencing(workdir):
@@ -261,16 +369,18 @@ def test_fencing_during_upload_gcs(gcs_bucket):
     assert CheckpointManager(workdir).restore()[1] == {"by": "b"}
 
 
-def test_gcs_commit_refused_after_owner_check(gcs_bucket):
-    """The generation precondition holds even if the OWNER check passed."""
-    workdir = storage.join(gcs_bucket, "run")
-    a = manager(workdir)
-    a.save(1, arrays_at(1), {"by": "a"}, blocking=True)
-    manager(workdir)
-    a._check_owner = lambda step: None  # As if b claimed right after a checked.
+def test_commit_refused_after_rival_claim(workdir):
+    """The commit itself is fenced, even when the owner check came before the
+    rival's claim: on gs:// by the LATEST generation alone."""
+    directory = storage.join(workdir, "checkpoints")
+    a = fence.Fence(directory, workdir)
+    a.claim()
+    a.check(1)
+    a.commit(1)
+    fence.Fence(directory, workdir).claim()  # Right after a checked, say.
     with pytest.raises(FencedError, match="taken over"):
-        a.save(2, arrays_at(2), {"by": "a"}, blocking=True)
-    assert a.latest_step() == 1
+        a.commit(2)
+    assert checkpoint_catalog.latest_step(directory) == 1
 
 
 def test_non_chief_writes_nothing_and_restores(workdir):
@@ -305,6 +415,8 @@ def small_model(keras):
 
 def test_snapshot_and_assign_keras(tmp_path):
     keras = pytest.importorskip("keras")
+    from trainer import models
+
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 3, 32)
@@ -312,7 +424,7 @@ def test_snapshot_and_assign_keras(tmp_path):
     optimizer = keras.optimizers.Adam(1e-2)
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(True))
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 steps
-    snapshot = checkpoint.snapshot_variables(model, optimizer)
+    snapshot = models.snapshot_variables(model, optimizer)
     assert int(snapshot["optimizer/iteration"]) == 4
     assert any(k.endswith("_momentum") for k in snapshot)
     assert any(k.endswith("_velocity") for k in snapshot)
@@ -323,16 +435,14 @@ def test_snapshot_and_assign_keras(tmp_path):
     assert_arrays_equal(snapshot, before)
 
     m = manager(str(tmp_path / "run"))
-    m.save(
-        4, lambda: checkpoint.snapshot_variables(model, optimizer), {}, blocking=True
-    )
+    m.save(4, lambda: models.snapshot_variables(model, optimizer), {}, blocking=True)
     arrays, _ = CheckpointManager(str(tmp_path / "run")).restore()
 
     fresh = small_model(keras)  # Same names; other global counters.
     fresh_opt = keras.optimizers.Adam(1e-2)
     fresh_opt.build(fresh.trainable_variables)
-    checkpoint.assign_variables(fresh, fresh_opt, arrays)
-    assert_arrays_equal(checkpoint.snapshot_variables(fresh, fresh_opt), arrays)
+    models.assign_variables(fresh, fresh_opt, arrays)
+    assert_arrays_equal(models.snapshot_variables(fresh, fresh_opt), arrays)
     assert int(fresh_opt.iterations.numpy()) == 8
 
     incomplete = dict(arrays)
@@ -340,9 +450,9 @@ def test_snapshot_and_assign_keras(tmp_path):
     with pytest.raises(
         CheckpointError, match="missing from the checkpoint: model/hidden/kernel"
     ):
-        checkpoint.assign_variables(fresh, fresh_opt, incomplete)
+        models.assign_variables(fresh, fresh_opt, incomplete)
     wrong = {**arrays, "model/out/bias": np.zeros(4, np.float32), "extra": np.zeros(1)}
     with pytest.raises(
         CheckpointError, match=r"extra.*model/out/bias \(variable \(3,\)"
     ):
-        checkpoint.assign_variables(fresh, fresh_opt, wrong)
+        models.assign_variables(fresh, fresh_opt, wrong)

@@ -212,7 +212,7 @@ def load_export(bucket: Bucket, prefix: str, scratch: str):
 
 
 def test_kill_9_and_resume_is_bit_exact(gcs_bucket, digits_dir, tmp_path):
-    from trainer import checkpoint
+    from trainer import checkpoint, checkpoint_catalog, checkpoint_format
 
     bucket = Bucket(gcs_bucket)
     scratch = str(tmp_path)
@@ -295,8 +295,9 @@ def test_kill_9_and_resume_is_bit_exact(gcs_bucket, digits_dir, tmp_path):
     # Optimizer steps: the last checkpoint holding the finetune optimizer has
     # taken exactly as many steps as the uninterrupted run.
     last_mid = TOTAL_STEPS - 2  # finetune step 2 of 4
-    ga, _ = checkpoint.CheckpointManager(url_a, is_chief=False)._load(last_mid)
-    gb, _ = checkpoint.CheckpointManager(url_b, is_chief=False)._load(last_mid)
+    folder = f"checkpoints/{checkpoint_catalog.checkpoint_name(last_mid)}"
+    ga, _ = checkpoint_format.read(f"{url_a}/{folder}")
+    gb, _ = checkpoint_format.read(f"{url_b}/{folder}")
     iterations = [k for k in ga if k == "optimizer/iteration"]
     assert iterations, sorted(k for k in ga if k.startswith("optimizer/"))[:10]
     for key in iterations:

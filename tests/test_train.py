@@ -222,3 +222,19 @@ def test_first_release_state_resumes_at_the_same_position(digits):
     state = train._state_from(saved, spec)
     assert state.phase_index == 1 and state.phase_starts[-1] == 12
     assert state.position(train.phase_steps(spec, spec.phases[1])) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "monitor, values",
+    [("val_accuracy", [0.5, 0.9, 0.6, 0.9]), ("val_loss", [0.3, 0.1, 0.2, 0.1])],
+)
+def test_best_step_follows_the_monitor(monitor, values):
+    """The training state is the one home of the best step that retention keeps."""
+    from trainer import config, train
+
+    spec = config.load(str(ROOT / "jobs/digits.toml"), [f"train.monitor={monitor}"])
+    state = train.TrainState()
+    for step, value in enumerate(values, 1):
+        state.global_step = step
+        train._update_best(spec, state, value)
+    assert (state.best_step, state.best_metric) == (2, values[1])  # A tie keeps 2.

@@ -1,4 +1,4 @@
-"""Backbones, in-model preprocessing, the head, pretrained weights, trainable_from."""
+"""Backbones, preprocessing, the head, weights, trainable_from, checkpoint variables."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import difflib
 import os
 import re
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from trainer import backend
 
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from trainer import config, storage  # noqa: E402
-from trainer.errors import SpecError, WeightsError  # noqa: E402
+from trainer.errors import CheckpointError, SpecError, WeightsError  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Backbone table
@@ -853,3 +853,125 @@ def jit_rule(trainable_from: str, device_type: str) -> bool:
     raise ValueError(
         f"jit_rule: received device_type={device_type!r}; expected CPU, GPU or TPU"
     )
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint variables: Keras 3 model and optimizer state <-> {key: array}
+
+
+def _keyed_variables(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer | None = None
+) -> dict[str, Any]:
+    """Unique keys, stable across processes, for the variables to checkpoint.
+
+    Model variables are keyed by their Keras path ("model/conv1_conv/kernel").
+    Seed-generator states are named from a global counter (seed_generator_3),
+    which depends on what else the process built, so they are keyed by their
+    order instead. Optimizer variables drop the optimizer's own name (adam,
+    adam_1, ...) for the same reason. The learning rate is left out: it comes
+    from the job spec, which a resume may change. Remaining duplicates get
+    `#1`, `#2` in variable order.
+    """
+    keyed: dict[str, Any] = {}
+
+    def add(key: str, variable) -> None:
+        unique, n = key, 0
+        while unique in keyed:
+            n += 1
+            unique = f"{key}#{n}"
+        keyed[unique] = variable
+
+    seeds = 0
+    for v in model.variables:
+        if v.path.rsplit("/", 1)[-1] == "seed_generator_state":
+            add(f"model/seed_generator_state/{seeds}", v)
+            seeds += 1
+        else:
+            add(f"model/{v.path}", v)
+    if optimizer is not None:
+        for v in optimizer.variables:
+            path = v.path.split("/", 1)[-1]
+            if path == "learning_rate":
+                continue
+            add(f"optimizer/{path}", v)
+    return keyed
+
+
+def snapshot_variables(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer | None = None
+) -> dict[str, np.ndarray]:
+    """Host copies of every model (and optimizer) variable, by stable key.
+
+    Includes non-trainable state (BatchNorm statistics, seed generators) and
+    the optimizer's iteration counter and slots (Adam's momentum, velocity).
+
+    Args:
+      model: the model.
+      optimizer: its optimizer, or None to leave the optimizer's state out.
+
+    Returns:
+      {key: array}, fresh arrays the training can no longer change.
+    """
+    return {
+        key: np.asarray(ops.convert_to_numpy(v))
+        for key, v in _keyed_variables(model, optimizer).items()
+    }
+
+
+def assign_variables(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer | None,
+    arrays: Mapping[str, np.ndarray],
+) -> None:
+    """Assigns `arrays` (from `snapshot_variables` or a restore) to the variables.
+
+    Build the optimizer first (`optimizer.build(model.trainable_variables)`)
+    with the same trainable variables as when the checkpoint was saved.
+
+    Args:
+      model: the model to assign to.
+      optimizer: its built optimizer, or None to assign the model's variables
+        only (then `arrays` holds no `optimizer/` keys).
+      arrays: {key: array}, one for every variable.
+
+    Raises:
+      CheckpointError: naming missing, unexpected and shape- or dtype-mismatched
+        keys; nothing is assigned then.
+    """
+    keyed = _keyed_variables(model, optimizer)
+    problems = _mismatches(keyed, arrays)
+    if problems:
+        raise CheckpointError(f"checkpoint does not match the model: {problems}")
+    for key, v in keyed.items():
+        v.assign(arrays[key])
+
+
+def _mismatches(keyed: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:
+    """What keeps `arrays` from being assigned to `keyed`; "" when nothing."""
+    missing = sorted(set(keyed) - set(arrays))
+    extra = sorted(set(arrays) - set(keyed))
+    mismatched = []
+    for key in sorted(set(keyed) & set(arrays)):
+        v, a = keyed[key], arrays[key]
+        if tuple(v.shape) != tuple(a.shape) or np.dtype(v.dtype) != a.dtype:
+            mismatched.append(
+                f"{key} (variable {tuple(v.shape)} {np.dtype(v.dtype).name}, "
+                f"checkpoint {tuple(a.shape)} {a.dtype.name})"
+            )
+
+    def listing(label: str, items: list[str]) -> str:
+        shown = ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
+        return f"{len(items)} {label}: {shown}" if items else ""
+
+    parts = [
+        listing("missing from the checkpoint", missing),
+        listing("in the checkpoint but not in the model/optimizer", extra),
+        listing("with another shape or dtype", mismatched),
+    ]
+    message = "; ".join(p for p in parts if p)
+    if any(k.startswith("optimizer/") for k in missing + extra):
+        message += (
+            " (build the optimizer for the checkpoint's phase first: "
+            "optimizer.build(model.trainable_variables))"
+        )
+    return message

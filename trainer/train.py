@@ -364,7 +364,7 @@ class _Run:
         self.logs.write(record, state.global_step)
         if self.rt.is_chief:  # Progress a user (or a dashboard) can poll.
             reports.write_summary(self.root, self._summary("running", record))
-        if self._update_best(record[spec.train.monitor]):
+        if _update_best(spec, state, record[spec.train.monitor]):
             print(
                 f"early stopping: {spec.train.monitor} did not improve for "
                 f"{spec.train.early_stopping_patience} epochs"
@@ -373,22 +373,6 @@ class _Run:
         if epoch + 1 < self.phase.epochs:
             self._save(optimizer, metric=record[spec.train.monitor])
         return False
-
-    def _update_best(self, value: float) -> bool:
-        """Tracks the best monitored value; True when early stopping should fire."""
-        state, train = self.state, self.spec.train
-        better = state.best_metric is None or (
-            value > state.best_metric
-            if train.monitor == "val_accuracy"
-            else value < state.best_metric
-        )
-        if better:
-            state.best_metric, state.best_step = value, state.global_step
-            state.epochs_without_improvement = 0
-            return False
-        state.epochs_without_improvement += 1
-        patience = train.early_stopping_patience
-        return bool(patience) and state.epochs_without_improvement >= patience
 
     def _finish(self) -> dict[str, Any]:
         """Waits for the last checkpoint, then exports, plots and summarizes."""
@@ -482,9 +466,30 @@ class _Run:
             state.global_step,
             lambda: models.snapshot_variables(self.model, optimizer),
             payload,
+            best_step=state.best_step,
             metric=metric,
             blocking=blocking,
         )
+
+
+def _update_best(spec, state: TrainState, value: float) -> bool:
+    """Tracks the best monitored value; True when early stopping should fire.
+
+    The one home of the best step: checkpoint retention keeps the step
+    recorded here.
+    """
+    better = state.best_metric is None or (
+        value > state.best_metric
+        if spec.train.monitor == "val_accuracy"
+        else value < state.best_metric
+    )
+    if better:
+        state.best_metric, state.best_step = value, state.global_step
+        state.epochs_without_improvement = 0
+        return False
+    state.epochs_without_improvement += 1
+    patience = spec.train.early_stopping_patience
+    return bool(patience) and state.epochs_without_improvement >= patience
 
 
 def _model_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
