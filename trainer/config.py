@@ -257,29 +257,7 @@ def from_dict(raw: dict[str, Any], problems: list[str] | None = None) -> JobSpec
                 "data: missing table [data] (train, validation, image_size, num_classes)"
             )
         sections[section] = _build(cls, value, section, collect)
-    phases_raw = raw.get("phases")
-    phases: list[PhaseConfig] = []
-    if phases_raw is None or phases_raw == []:
-        collect.append(
-            "phases: empty; expected at least one [[phases]] table "
-            "(name, epochs, learning_rate, trainable_from)"
-        )
-    elif not isinstance(phases_raw, list):
-        collect.append(f"phases: received {phases_raw!r}; expected [[phases]] tables")
-    else:
-        for i, p in enumerate(phases_raw):
-            label = f"phases[{i}]"
-            if isinstance(p, dict) and isinstance(p.get("name"), str):
-                label = f"phases.{p['name']}"
-            if not isinstance(p, dict):
-                collect.append(f"{label}: received {p!r}; expected a table")
-                continue
-            phase = _build(PhaseConfig, p, label, collect)
-            if phase is not None:
-                phases.append(phase)
-        names = [p.name for p in phases]
-        for n in sorted({n for n in names if names.count(n) > 1}):
-            collect.append(f"phases: name {n!r} used twice; phase names must be unique")
+    phases = _build_phases(raw.get("phases"), collect)
     # A section that failed to build is replaced by a valid placeholder, so the
     # range checks of the others still run and every problem is reported at once.
     placeholders = {
@@ -298,6 +276,34 @@ def from_dict(raw: dict[str, Any], problems: list[str] | None = None) -> JobSpec
     if problems is None and collect:
         raise SpecError(collect)
     return None if incomplete else spec  # type: ignore[return-value]
+
+
+def _build_phases(phases_raw: Any, collect: list[str]) -> list[PhaseConfig]:
+    """The `[[phases]]` tables, each checked; problems go to `collect`."""
+    phases: list[PhaseConfig] = []
+    if phases_raw is None or phases_raw == []:
+        collect.append(
+            "phases: empty; expected at least one [[phases]] table "
+            "(name, epochs, learning_rate, trainable_from)"
+        )
+        return phases
+    if not isinstance(phases_raw, list):
+        collect.append(f"phases: received {phases_raw!r}; expected [[phases]] tables")
+        return phases
+    for i, p in enumerate(phases_raw):
+        label = f"phases[{i}]"
+        if isinstance(p, dict) and isinstance(p.get("name"), str):
+            label = f"phases.{p['name']}"
+        if not isinstance(p, dict):
+            collect.append(f"{label}: received {p!r}; expected a table")
+            continue
+        phase = _build(PhaseConfig, p, label, collect)
+        if phase is not None:
+            phases.append(phase)
+    names = [p.name for p in phases]
+    for n in sorted({n for n in names if names.count(n) > 1}):
+        collect.append(f"phases: name {n!r} used twice; phase names must be unique")
+    return phases
 
 
 def _unknown(path: str, key: str, valid: typing.Iterable[str]) -> str:

@@ -414,33 +414,10 @@ def resolve_imagenet_weights(
         return cached
     tried = [f"Keras cache {cached}: not there"]
 
-    mirror = mirror or os.environ.get(MIRROR_ENV, "")
-    if mirror:
-        url = storage.join(mirror, fname)
-        try:
-            _copy_into(url, cached)
-            return cached
-        except FileNotFoundError:
-            tried.append(f"mirror {url}: no such file")
-        except Exception as e:  # Any backend error: report it and go on.
-            tried.append(f"mirror {url}: {type(e).__name__}: {e}")
-    else:
-        tried.append(f"mirror: none set (model.weights_mirror or ${MIRROR_ENV})")
-
-    url = entry.weights_base + fname
-    if os.environ.get(NO_DOWNLOAD_ENV):
-        tried.append(f"Keras download {url}: skipped (${NO_DOWNLOAD_ENV} is set)")
-    else:
-        try:
-            return keras.utils.get_file(
-                fname,
-                url,
-                cache_dir=os.path.dirname(cache_dir),
-                cache_subdir="models",
-                file_hash=entry.weights_hash or None,
-            )
-        except Exception as e:  # No network, a proxy, a bad hash: all the same.
-            tried.append(f"Keras download {url}: {type(e).__name__}: {e}")
+    found = _from_mirror(mirror or os.environ.get(MIRROR_ENV, ""), fname, tried)
+    found = found or _keras_download(entry, fname, cache_dir, tried)
+    if found:
+        return found
     lines = "\n".join(f"  - {t}" for t in tried)
     raise WeightsError(
         f"model.weights: 'imagenet' weights for backbone {backbone!r} need the "
@@ -449,6 +426,42 @@ def resolve_imagenet_weights(
         f"${MIRROR_ENV} or model.weights_mirror to that folder, or use "
         'model.weights = "none" to train from scratch.'
     )
+
+
+def _from_mirror(mirror: str, fname: str, tried: list[str]) -> str | None:
+    """The file copied from the mirror into the Keras cache; None, noted in `tried`."""
+    if not mirror:
+        tried.append(f"mirror: none set (model.weights_mirror or ${MIRROR_ENV})")
+        return None
+    url = storage.join(mirror, fname)
+    cached = os.path.join(keras_cache_dir(), fname)
+    try:
+        _copy_into(url, cached)
+        return cached
+    except FileNotFoundError:
+        tried.append(f"mirror {url}: no such file")
+    except Exception as e:  # Any backend error: report it and go on.
+        tried.append(f"mirror {url}: {type(e).__name__}: {e}")
+    return None
+
+
+def _keras_download(entry, fname: str, cache_dir: str, tried: list[str]) -> str | None:
+    """Keras' own download of the file; None, noted in `tried`."""
+    url = entry.weights_base + fname
+    if os.environ.get(NO_DOWNLOAD_ENV):
+        tried.append(f"Keras download {url}: skipped (${NO_DOWNLOAD_ENV} is set)")
+        return None
+    try:
+        return keras.utils.get_file(
+            fname,
+            url,
+            cache_dir=os.path.dirname(cache_dir),
+            cache_subdir="models",
+            file_hash=entry.weights_hash or None,
+        )
+    except Exception as e:  # No network, a proxy, a bad hash: all the same.
+        tried.append(f"Keras download {url}: {type(e).__name__}: {e}")
+        return None
 
 
 def _copy_into(url: str, local: str) -> None:
