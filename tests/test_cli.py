@@ -1,11 +1,18 @@
-"""The command line as a user runs it: real subprocesses, exit codes, messages."""
+"""The command line: exit codes and messages, in process through `main.run(argv)`;
+and the front door, `python -m trainer`, in a few real subprocesses."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+
+import pytest
+
+from trainer import main, submit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,8 +33,6 @@ def trainer(
 
 def assert_bad_input(proc: subprocess.CompletedProcess, pattern: str) -> None:
     """Exit 2, one clear message on stderr, no traceback."""
-    import re
-
     assert proc.returncode == 2, (
         proc.returncode,
         proc.stdout[-2000:],
@@ -37,43 +42,32 @@ def assert_bad_input(proc: subprocess.CompletedProcess, pattern: str) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_no_command_prints_usage():
-    proc = trainer()
-    assert_bad_input(proc, r"usage: trainer COMMAND")
+def run(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`trainer ARGS` run in this process: its exit code, stdout and stderr."""
+    code = main.run(["trainer", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
-def test_unknown_command():
-    assert_bad_input(trainer("trian"), r"unknown command 'trian'")
+def assert_one_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    """Bad input: exit 2 and one `error:` line on stderr matching `pattern`."""
+    assert_bad_input(result, pattern)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
 
 
-def test_unknown_flag():
-    assert_bad_input(trainer("train", "--jbo=x"), r"Unknown command line flag 'jbo'")
+# ---------------------------------------------------------------------------
+# The front door: `python -m trainer` as a user runs it
 
 
-def test_missing_job_file(tmp_path):
-    proc = trainer("train", "--job=no/such.toml", f"--workdir={tmp_path}/w")
-    assert_bad_input(proc, r"job spec not found: no/such.toml")
-    assert not (tmp_path / "w").exists()
-
-
-def test_bad_spec_lists_every_problem(tmp_path):
-    job = tmp_path / "bad.toml"
-    job.write_text(
-        (ROOT / "jobs" / "digits.toml").read_text().replace("image_size", "imag_size")
-    )
-    proc = trainer(
-        "check", f"--job={job}", f"--workdir={tmp_path}/w", "--set=train.seed=x"
-    )
-    assert_bad_input(proc, r"data.imag_size: unknown key; did you mean 'image_size'")
-    assert "train.seed: received 'x'; expected an integer" in proc.stderr
-
-
-def test_workdir_required(tmp_path):
-    proc = trainer("train", "--job=jobs/digits.toml")
-    assert_bad_input(proc, r"--workdir is required")
+def test_python_m_trainer_without_a_command_prints_usage():
+    assert_bad_input(trainer(), r"usage: trainer COMMAND")
 
 
 def test_glob_matching_nothing(tmp_path):
+    # Bad input found deep in the library (`check` resolving the data); a
+    # subprocess also because `check` sets process-wide TensorFlow state (op
+    # determinism, the precision policy) that other tests must not inherit.
     proc = trainer(
         "check",
         "--job=jobs/digits.toml",
@@ -91,8 +85,99 @@ def test_layers_shows_legacy_alias():
     assert "res5a_branch2a" in line
 
 
-def test_layers_unknown_backbone():
-    assert_bad_input(trainer("layers", "--backbone=resnet5"), r"resnet5.*did you mean")
+# ---------------------------------------------------------------------------
+# Commands and flags, in process
+
+
+def test_no_command_prints_usage(capsys):
+    assert_one_error(run(capsys), r"usage: trainer COMMAND")
+
+
+def test_unknown_command(capsys):
+    assert_one_error(run(capsys, "trian"), r"unknown command 'trian'")
+
+
+def test_unknown_flag(capsys):
+    result = run(capsys, "train", "--jbo=x")
+    assert_one_error(result, r"Unknown command line flag 'jbo'")
+
+
+def test_each_command_owns_its_flags(capsys):
+    # Another command's flag is refused by name, not ignored.
+    result = run(capsys, "train", "--job=jobs/digits.toml", "--target=vertex")
+    assert_one_error(result, r"Unknown command line flag 'target'")
+    assert_one_error(run(capsys, "layers", "--workdir=w"), r"flag 'workdir'")
+    assert_one_error(run(capsys, "layers", "--image_size=abc"), r"--image_size=abc")
+    result = run(capsys, "check", "--job=jobs/digits.toml", "--workdir=w", "extra")
+    assert_one_error(result, r"unexpected arguments \['extra'\] for `check`")
+
+
+@pytest.mark.parametrize("command", main.COMMANDS)
+def test_help_lists_the_commands_flags(command, capsys):
+    result = run(capsys, command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: trainer {command} ")
+    listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", result.stdout, re.M))
+    assert listed == {name for _, name, _, _ in main.FLAGS_OF[command]}
+    assert listed == set(main.command_flags(command)) - {"help"}
+
+
+def test_help_without_a_command_lists_every_command(capsys):
+    result = run(capsys, "--helpfull")
+    assert result.returncode == 0, result.stderr
+    for command in main.COMMANDS:
+        assert f"usage: trainer {command} " in result.stdout
+
+
+def test_submit_takes_every_option_as_a_flag():
+    flags = set(main.command_flags("submit"))
+    assert set(submit.FLAG_OPTIONS) <= flags
+    assert {"target", "job", "workdir", "set", "deadline", "dry_run"} <= flags
+
+
+def test_running_twice_in_one_process_starts_clean(tmp_path, capsys):
+    args = ["submit", "--target=vertex", "--job=jobs/digits.toml", "--dry_run",
+            "--workdir=gs://b/r", "--image_uri=img", f"--out_dir={tmp_path}",
+            "--set=data.train=gs://b/d/t-*", "--set=data.validation=gs://b/d/v-*"]  # fmt: skip
+    first = run(capsys, *args, "--region=europe-west4", "--set=train.seed=1")
+    assert first.returncode == 0, first.stderr
+    assert "--region=europe-west4" in first.stdout
+    again = run(capsys, *args)
+    assert again.returncode == 0, again.stderr
+    assert "--region=us-central1" in again.stdout
+    spec = json.loads((tmp_path / "custom_job_spec.json").read_text())
+    container = spec["workerPoolSpecs"][0]["containerSpec"]
+    assert "--set=train.seed=1" not in container["args"]
+
+
+def test_missing_job_file(tmp_path, capsys):
+    result = run(capsys, "train", "--job=no/such.toml", f"--workdir={tmp_path}/w")
+    assert_one_error(result, r"job spec not found: no/such.toml")
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_spec_lists_every_problem(tmp_path, capsys):
+    job = tmp_path / "bad.toml"
+    job.write_text(
+        (ROOT / "jobs" / "digits.toml").read_text().replace("image_size", "imag_size")
+    )
+    result = run(
+        capsys, "check", f"--job={job}", f"--workdir={tmp_path}/w", "--set=train.seed=x"
+    )
+    assert_one_error(result, r"data.imag_size: unknown key; did you mean 'image_size'")
+    assert "train.seed: received 'x'; expected an integer" in result.stderr
+
+
+def test_workdir_required(capsys, monkeypatch):
+    for var in ("AIP_CHECKPOINT_DIR", "AIP_MODEL_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    result = run(capsys, "train", "--job=jobs/digits.toml")
+    assert_one_error(result, r"--workdir is required")
+
+
+def test_layers_unknown_backbone(capsys):
+    result = run(capsys, "layers", "--backbone=resnet5")
+    assert_one_error(result, r"resnet5.*did you mean")
 
 
 def _write_images(root: pathlib.Path, classes=("cat", "dog"), per_class=3) -> None:
@@ -106,26 +191,29 @@ def _write_images(root: pathlib.Path, classes=("cat", "dog"), per_class=3) -> No
             Image.fromarray(pixels).save(root / c / f"{i}.{'png' if i % 2 else 'jpg'}")
 
 
-def test_convert_images_folder(tmp_path):
+def test_convert_images_folder(tmp_path, capsys):
     _write_images(tmp_path / "photos")
-    proc = trainer(
-        "convert", f"--images={tmp_path}/photos", f"--out={tmp_path}/out", "--shards=2"
+    result = run(
+        capsys,
+        "convert",
+        f"--images={tmp_path}/photos",
+        f"--out={tmp_path}/out",
+        "--shards=2",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = __import__("json").loads(
-        (tmp_path / "out" / "manifest.json").read_text()
-    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["class_names"] == ["cat", "dog"]
     assert sum(s["records"] for s in manifest["splits"].values()) == 6
-    assert "2 classes" in proc.stdout
+    assert "2 classes" in result.stdout
 
 
-def test_convert_needs_one_source(tmp_path):
-    assert_bad_input(
-        trainer("convert", f"--out={tmp_path}/o"), r"exactly one of --images"
-    )
+def test_convert_needs_one_source(tmp_path, capsys):
+    result = run(capsys, "convert", f"--out={tmp_path}/o")
+    assert_one_error(result, r"exactly one of --images")
+    result = run(capsys, "convert", "--sample=cifar", f"--out={tmp_path}/o")
+    assert_one_error(result, r"--sample: received 'cifar'; expected 'digits'")
 
 
-def test_convert_missing_images_dir(tmp_path):
-    proc = trainer("convert", f"--images={tmp_path}/nope", f"--out={tmp_path}/o")
-    assert_bad_input(proc, r"nope")
+def test_convert_missing_images_dir(tmp_path, capsys):
+    result = run(capsys, "convert", f"--images={tmp_path}/nope", f"--out={tmp_path}/o")
+    assert_one_error(result, r"nope")

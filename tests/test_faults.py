@@ -223,7 +223,7 @@ def test_bad_spec_answers_before_tensorflow_is_imported(tmp_path):
         from trainer import errors, main
         argv = ["trainer", "train", "--job={bad}", "--workdir={tmp_path}/w"]
         try:
-            main.main(main._parse_flags(argv))
+            main.main(argv)
         except errors.SpecError as e:
             print("SpecError", "tensorflow" in sys.modules, "keras" in sys.modules)
         """

@@ -834,27 +834,16 @@ def test_startup_script_installs_the_package_into_a_venv_once(
 
 
 # ---------------------------------------------------------------------------
-# The command line (runs once trainer/main.py has its `submit` command)
+# The command line, in process: `trainer submit`'s flags reach `submit.submit`
 
 
-def _cli_has_submit() -> bool:
-    return '"submit"' in (ROOT / "trainer" / "main.py").read_text()
-
-
-@pytest.mark.skipif(
-    not _cli_has_submit(), reason="trainer/main.py has no submit command yet"
-)
-def test_cli_submit_dry_run_and_bad_input(tmp_path):
+def test_cli_submit_dry_run_and_bad_input(tmp_path, capsys):
+    from trainer import main
 
     def trainer(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "trainer", "submit", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        )
+        code = main.run(["trainer", "submit", *args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
 
     ok = trainer(
         "--target=vertex", f"--job={JOB}", "--workdir=gs://bucket/runs/r1",
@@ -878,6 +867,18 @@ def test_cli_submit_dry_run_and_bad_input(tmp_path):
         bad.returncode == 2
         and "expected one of vertex, gce, kaggle, colab" in bad.stderr
     )
+    # Flags of every kind arrive as the options of the same name.
+    ok = trainer(
+        "--target=kaggle", f"--job={JOB}", "--workdir=/kaggle/working/r",
+        "--kernel_id=me/digits-resnet50", "--accelerator=tpu",
+        "--dataset_sources=me/a", "--dataset_sources=me/b",
+        "--nointernet", "--package=/kaggle/input/w/t.whl",
+        "--set=model.weights=none", f"--out_dir={tmp_path / 'k'}", "--dry_run",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    meta = json.loads((tmp_path / "k" / "kernel-metadata.json").read_text())
+    assert meta["dataset_sources"] == ["me/a", "me/b"]
+    assert (meta["enable_tpu"], meta["enable_internet"]) == (True, False)
 
 
 # ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from trainer import config, storage
 from trainer.errors import SubmitError
@@ -160,13 +160,7 @@ def submit(
         raise SubmitError(
             f"--target: received {target!r}; expected one of {', '.join(TARGETS)}"
         )
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(Options)})
-    if unknown:
-        raise SubmitError(f"unknown submit option(s) {unknown}")
-    for key in ("overrides", "dataset_sources"):  # Lists from flags or callers.
-        if key in options:
-            options[key] = tuple(options[key] or ())
-    opts = Options(**options)
+    opts = _options(options)
     _check_workdir(target, workdir)
     spec = config.load(job_url, opts.overrides)  # Fails here, not on the VM.
     _check_data(target, spec)
@@ -183,25 +177,41 @@ def submit(
     result.setdefault("steps", [(result["command"], None)] if result["command"] else [])
     _print_plan(result, dry_run)
     if not dry_run:
-        for command, _ in result["steps"]:
-            _require_tool(command[0], target)  # Before uploading anything.
-        if result.get("upload"):
-            local, url = result["upload"]
-            try:
-                storage.put(local, url)
-            except Exception as e:  # Network, credentials, bucket: one clear line.
-                raise SubmitError(
-                    f"could not upload the job spec to {url}: {type(e).__name__}: {e}; "
-                    "check that the bucket exists and that you are logged in "
-                    "(gcloud auth application-default login)"
-                ) from None
-            print(f"uploaded {local} -> {url}")
-        for command, unless in result["steps"]:
-            if unless and _succeeds(unless):
-                print(f"exists already, skipped: {shlex.join(command)}")
-                continue
-            _run(command)
+        _launch(result)
     return result
+
+
+def _options(options: dict[str, Any]) -> Options:
+    """`Options` from keyword options, lists (from flags or callers) as tuples."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(Options)})
+    if unknown:
+        raise SubmitError(f"unknown submit option(s) {unknown}")
+    for key in ("overrides", "dataset_sources"):
+        if key in options:
+            options[key] = tuple(options[key] or ())
+    return Options(**options)
+
+
+def _launch(result: dict[str, Any]) -> None:
+    """Uploads the job spec and runs the rendered steps (every tool checked first)."""
+    for command, _ in result["steps"]:
+        _require_tool(command[0], result["target"])  # Before uploading anything.
+    if result.get("upload"):
+        local, url = result["upload"]
+        try:
+            storage.put(local, url)
+        except Exception as e:  # Network, credentials, bucket: one clear line.
+            raise SubmitError(
+                f"could not upload the job spec to {url}: {type(e).__name__}: {e}; "
+                "check that the bucket exists and that you are logged in "
+                "(gcloud auth application-default login)"
+            ) from None
+        print(f"uploaded {local} -> {url}")
+    for command, unless in result["steps"]:
+        if unless and _succeeds(unless):
+            print(f"exists already, skipped: {shlex.join(command)}")
+            continue
+        _run(command)
 
 
 # ---------------------------------------------------------------------------
@@ -269,35 +279,7 @@ def _render_vertex(
         )
     remote_job, upload = _remote_job(job_url, workdir, out_dir)
     args = ["train", f"--job={remote_job}", *(f"--set={s}" for s in opts.overrides)]
-    scheduling: dict[str, Any] = {"strategy": "SPOT", "restartJobOnWorkerRestart": True}
-    if opts.timeout:
-        # No --deadline to match: a worker that exits non-zero (75 included) is
-        # restarted by Vertex and would start a fresh deadline. Vertex stops
-        # the container with SIGTERM, which the trainer checkpoints on.
-        scheduling["timeout"] = f"{_seconds(opts.timeout, '--timeout')}s"
-    if opts.max_wait:
-        scheduling["maxWaitDuration"] = f"{_seconds(opts.max_wait, '--max_wait')}s"
-    machine_type, gpu, count = _machine(opts, default="n1-standard-8")
-    machine_spec: dict[str, Any] = {"machineType": machine_type}
-    if gpu:
-        machine_spec["acceleratorType"] = GPUS[gpu][0]
-        machine_spec["acceleratorCount"] = count
-    job_spec: dict[str, Any] = {
-        "workerPoolSpecs": [
-            {
-                "machineSpec": machine_spec,
-                "replicaCount": 1,
-                "containerSpec": {"imageUri": opts.image_uri, "args": args},
-            }
-        ],
-        # Vertex sets AIP_CHECKPOINT_DIR={workdir}/checkpoints/ and
-        # AIP_MODEL_DIR={workdir}/model/; `trainer train` without --workdir
-        # takes the parent, so the run's identity is the workdir.
-        "baseOutputDirectory": {"outputUriPrefix": workdir},
-        "scheduling": scheduling,
-    }
-    if opts.service_account:
-        job_spec["serviceAccount"] = opts.service_account
+    job_spec = _vertex_job_spec(opts, args, workdir)
     display_name = _slug(spec.name)
     custom_job = {"displayName": display_name, "jobSpec": job_spec}
     # gcloud's --config takes a CustomJobSpec (YAML; JSON is YAML) and the
@@ -321,6 +303,45 @@ def _render_vertex(
             "after a failure or a cancel, submit again with the same --workdir to resume",
         ],
     }
+
+
+def _vertex_job_spec(opts: Options, args: list[str], workdir: str) -> dict[str, Any]:
+    """The CustomJobSpec: one Spot worker that runs `trainer ARGS` in the image."""
+    scheduling = _vertex_scheduling(opts)
+    machine_type, gpu, count = _machine(opts, default="n1-standard-8")
+    machine_spec: dict[str, Any] = {"machineType": machine_type}
+    if gpu:
+        machine_spec["acceleratorType"] = GPUS[gpu][0]
+        machine_spec["acceleratorCount"] = count
+    job_spec: dict[str, Any] = {
+        "workerPoolSpecs": [
+            {
+                "machineSpec": machine_spec,
+                "replicaCount": 1,
+                "containerSpec": {"imageUri": opts.image_uri, "args": args},
+            }
+        ],
+        # Vertex sets AIP_CHECKPOINT_DIR={workdir}/checkpoints/ and
+        # AIP_MODEL_DIR={workdir}/model/; `trainer train` without --workdir
+        # takes the parent, so the run's identity is the workdir.
+        "baseOutputDirectory": {"outputUriPrefix": workdir},
+        "scheduling": scheduling,
+    }
+    if opts.service_account:
+        job_spec["serviceAccount"] = opts.service_account
+    return job_spec
+
+
+def _vertex_scheduling(opts: Options) -> dict[str, Any]:
+    scheduling: dict[str, Any] = {"strategy": "SPOT", "restartJobOnWorkerRestart": True}
+    if opts.timeout:
+        # No --deadline to match: a worker that exits non-zero (75 included) is
+        # restarted by Vertex and would start a fresh deadline. Vertex stops
+        # the container with SIGTERM, which the trainer checkpoints on.
+        scheduling["timeout"] = f"{_seconds(opts.timeout, '--timeout')}s"
+    if opts.max_wait:
+        scheduling["maxWaitDuration"] = f"{_seconds(opts.max_wait, '--max_wait')}s"
+    return scheduling
 
 
 # ---------------------------------------------------------------------------
@@ -388,6 +409,18 @@ def _gce_name(spec, opts: Options) -> str:
     return name[:58].rstrip("-")
 
 
+class _GceVm(NamedTuple):
+    """What an instance template fixes about its VM (its name's digest covers it)."""
+
+    machine_type: str
+    gpu: str  # a key of GPUS, or ""
+    count: int
+    image_family: str
+    image_project: str
+    service_account: str
+    boot_disk_size: str
+
+
 def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str, Any]:
     """A managed instance group of one Spot VM, which Compute Engine revives.
 
@@ -402,6 +435,45 @@ def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str
         raise SubmitError(
             f"--on_done: received {opts.on_done!r}; expected delete or stop"
         )
+    vm = _gce_vm(opts)
+    give_up = _seconds(opts.give_up_after, "--give_up_after")
+    package = _package(opts, extra="gpu" if vm.gpu else "cpu")
+    remote_job, upload = _remote_job(job_url, workdir, out_dir)
+    name = _gce_name(spec, opts)
+    startup = _copy_startup_script(out_dir)
+    metadata = {
+        "trainer-job": remote_job,
+        "trainer-workdir": workdir,
+        "trainer-package": package,
+        "trainer-set": "\n".join(opts.overrides),
+        "trainer-on-done": opts.on_done,
+        "trainer-group": name,
+        "trainer-give-up-at": str(int(time.time()) + give_up),
+        "trainer-gpu": "true" if vm.gpu else "false",
+    }
+    template = f"{name}-{_template_digest(vm, metadata)}"
+    metadata["trainer-template"] = template
+    files, from_file = _write_metadata(out_dir, startup, metadata)
+    create_template = _create_template_command(template, vm, from_file)
+    steps = _gce_steps(name, template, create_template, f"--zone={opts.zone}")
+    return {
+        "job_url": remote_job,
+        "upload": upload,
+        "files": files,
+        "metadata": metadata,
+        "command": steps[1][0],
+        "steps": steps,
+        "notes": _gce_notes(name, opts),
+    }
+
+
+def _gce_vm(opts: Options) -> _GceVm:
+    """The VM's machine, GPUs and boot image, checked.
+
+    Raises:
+      SubmitError: a GPU the machine type cannot carry, an image family without
+        its project, or one whose Python is older than 3.11.
+    """
     machine_type, gpu, count = _machine(opts, default="e2-standard-8")
     image_family = opts.image_family or GCE_IMAGE[0]
     image_project = opts.image_project or (
@@ -419,10 +491,13 @@ def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str
             f"for {GCE_IMAGE[0]} ({GCE_IMAGE[1]}, Python 3.11; GPU drivers are "
             "installed at boot)"
         )
-    give_up = _seconds(opts.give_up_after, "--give_up_after")
-    package = _package(opts, extra="gpu" if gpu else "cpu")
-    remote_job, upload = _remote_job(job_url, workdir, out_dir)
-    name = _gce_name(spec, opts)
+    return _GceVm(
+        machine_type, gpu, count, image_family, image_project,
+        opts.service_account, opts.boot_disk_size,
+    )  # fmt: skip
+
+
+def _copy_startup_script(out_dir: str) -> str:
     if not GCE_STARTUP_SCRIPT.exists():
         # deploy/ is not part of the wheel: submit runs from a clone.
         raise SubmitError(
@@ -431,31 +506,29 @@ def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str
         )
     startup = os.path.join(out_dir, "startup.sh")
     shutil.copyfile(GCE_STARTUP_SCRIPT, startup)
-    metadata = {
-        "trainer-job": remote_job,
-        "trainer-workdir": workdir,
-        "trainer-package": package,
-        "trainer-set": "\n".join(opts.overrides),
-        "trainer-on-done": opts.on_done,
-        "trainer-group": name,
-        "trainer-give-up-at": str(int(time.time()) + give_up),
-        "trainer-gpu": "true" if gpu else "false",
-    }
-    # An instance template cannot change, so its name carries a digest of what
-    # it holds: submitting the same thing again finds it, a changed job gets a
-    # new one.
-    digest = hashlib.sha256(
-        json.dumps(
-            [machine_type, gpu, count, image_family, image_project, opts.service_account,
-             opts.boot_disk_size, GCE_STARTUP_SCRIPT.read_text(),
-             {k: v for k, v in metadata.items() if k != "trainer-give-up-at"}],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:8]  # fmt: skip
-    template = f"{name}-{digest}"
-    metadata["trainer-template"] = template
-    # One file per metadata value: gcloud's --metadata splits on commas, and a
-    # pip requirement such as "trainer[gpu] @ git+https://..." may hold some.
+    return startup
+
+
+def _template_digest(vm: _GceVm, metadata: dict[str, str]) -> str:
+    """8 hex digits of what an instance template holds.
+
+    An instance template cannot change, so its name carries a digest of what
+    it holds: submitting the same thing again finds it, a changed job gets a
+    new one.
+    """
+    held = {k: v for k, v in metadata.items() if k != "trainer-give-up-at"}
+    text = json.dumps([*vm, GCE_STARTUP_SCRIPT.read_text(), held], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _write_metadata(
+    out_dir: str, startup: str, metadata: dict[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """({file name: path}, ["KEY=PATH" of --metadata-from-file]).
+
+    One file per metadata value: gcloud's --metadata splits on commas, and a
+    pip requirement such as "trainer[gpu] @ git+https://..." may hold some.
+    """
     files = {"startup.sh": startup}
     from_file = [f"startup-script={startup}"]
     for key, value in metadata.items():
@@ -464,28 +537,38 @@ def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str
             f.write(value)
         files[key] = path
         from_file.append(f"{key}={path}")
-    create_template = [
+    return files, from_file
+
+
+def _create_template_command(
+    template: str, vm: _GceVm, from_file: list[str]
+) -> list[str]:
+    command = [
         "gcloud", "compute", "instance-templates", "create", template,
-        f"--machine-type={machine_type}",
+        f"--machine-type={vm.machine_type}",
         "--provisioning-model=SPOT",
         "--instance-termination-action=STOP",
         # The VM reads the job and checkpoints from Cloud Storage and manages
         # its own group when done.
         "--scopes=cloud-platform",
-        f"--image-family={image_family}",
-        f"--image-project={image_project}",
-        f"--boot-disk-size={opts.boot_disk_size}",
+        f"--image-family={vm.image_family}",
+        f"--image-project={vm.image_project}",
+        f"--boot-disk-size={vm.boot_disk_size}",
         "--metadata-from-file=" + ",".join(from_file),
     ]  # fmt: skip
-    if opts.service_account:
-        create_template.append(f"--service-account={opts.service_account}")
-    if gpu:
-        if not _built_in_gpus(machine_type):
-            create_template.append(f"--accelerator=type={gpu},count={count}")
-        create_template.append("--maintenance-policy=TERMINATE")
+    if vm.service_account:
+        command.append(f"--service-account={vm.service_account}")
+    if vm.gpu:
+        if not _built_in_gpus(vm.machine_type):
+            command.append(f"--accelerator=type={vm.gpu},count={vm.count}")
+        command.append("--maintenance-policy=TERMINATE")
+    return command
+
+
+def _gce_steps(name: str, template: str, create_template: list[str], zone: str):
+    """[(command, probe whose success skips it)]: template, group, one VM."""
     group = ["gcloud", "compute", "instance-groups", "managed"]
-    zone = f"--zone={opts.zone}"
-    steps = [
+    return [
         (create_template,
          ["gcloud", "compute", "instance-templates", "describe", template]),
         ([*group, "create", name, zone, f"--template={template}", "--size=1",
@@ -498,23 +581,19 @@ def _render_gce(spec, job_url, workdir, opts: Options, out_dir: str) -> dict[str
          None),
         ([*group, "resize", name, "--size=1", zone], None),
     ]  # fmt: skip
-    return {
-        "job_url": remote_job,
-        "upload": upload,
-        "files": files,
-        "metadata": metadata,
-        "command": steps[1][0],
-        "steps": steps,
-        "notes": [
-            f"a managed instance group of one Spot VM: when the VM is preempted the "
-            f"group recreates it once capacity returns and the run resumes, for "
-            f"up to {opts.give_up_after}; it deletes the group when the run completed",
-            f"follow it: gcloud compute instance-groups managed list-instances {name} "
-            f"{zone}, then gcloud compute instances get-serial-port-output VM {zone}",
-            f"pause it: gcloud compute instance-groups managed resize {name} --size=0 "
-            f"{zone}; submit again to resume",
-        ],
-    }
+
+
+def _gce_notes(name: str, opts: Options) -> list[str]:
+    zone = f"--zone={opts.zone}"
+    return [
+        f"a managed instance group of one Spot VM: when the VM is preempted the "
+        f"group recreates it once capacity returns and the run resumes, for "
+        f"up to {opts.give_up_after}; it deletes the group when the run completed",
+        f"follow it: gcloud compute instance-groups managed list-instances {name} "
+        f"{zone}, then gcloud compute instances get-serial-port-output VM {zone}",
+        f"pause it: gcloud compute instance-groups managed resize {name} --size=0 "
+        f"{zone}; submit again to resume",
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -530,21 +609,9 @@ def _render_kaggle(
       probe: ask Kaggle (`kaggle kernels status`) whether the kernel exists,
         to attach its previous version's output (a /kaggle/working workdir).
     """
-    accelerator = opts.accelerator
-    if accelerator not in ("none", "gpu", "tpu"):
-        raise SubmitError(
-            f"--accelerator: received {accelerator!r}; expected none, gpu or tpu"
-        )
-    machine_shape = opts.machine_shape or KAGGLE_DEFAULT_SHAPE.get(accelerator, "")
-    if machine_shape:
-        if machine_shape not in KAGGLE_MACHINE_SHAPES:
-            raise SubmitError(
-                f"--machine_shape: received {machine_shape!r}; expected one of "
-                f"{', '.join(KAGGLE_MACHINE_SHAPES)} (GPU T4 x2, TPU v5e-8)"
-            )
-        accelerator = KAGGLE_MACHINE_SHAPES[machine_shape]
+    accelerator, machine_shape = _kaggle_machine(opts)
     kernel_id = _kaggle_kernel_id(spec, opts)
-    owner, slug = kernel_id.split("/", 1)
+    slug = kernel_id.split("/", 1)[1]
     on_working = storage.is_local(workdir)
     resume_from = _kaggle_resume_from(opts, kernel_id, on_working, probe)
     if not opts.internet:
@@ -574,6 +641,41 @@ def _render_kaggle(
         kernel_sources=[resume_from] if resume_from else [],
     )
     meta_path = _write_json(out_dir, "kernel-metadata.json", metadata)
+    return {
+        "job_url": job_url,
+        "files": {code_file: nb_path, "kernel-metadata.json": meta_path},
+        "notebook": notebook,
+        "kernel_metadata": metadata,
+        "command": ["kaggle", "kernels", "push", "-p", out_dir],
+        "notes": _kaggle_notes(kernel_id, workdir, opts, resume_from),
+    }
+
+
+def _check_accelerator(accelerator: str) -> None:
+    if accelerator not in ("none", "gpu", "tpu"):
+        raise SubmitError(
+            f"--accelerator: received {accelerator!r}; expected none, gpu or tpu"
+        )
+
+
+def _kaggle_machine(opts: Options) -> tuple[str, str]:
+    """(accelerator, machine shape); a machine shape names its accelerator."""
+    _check_accelerator(opts.accelerator)
+    machine_shape = opts.machine_shape or KAGGLE_DEFAULT_SHAPE.get(opts.accelerator, "")
+    if not machine_shape:
+        return opts.accelerator, ""
+    if machine_shape not in KAGGLE_MACHINE_SHAPES:
+        raise SubmitError(
+            f"--machine_shape: received {machine_shape!r}; expected one of "
+            f"{', '.join(KAGGLE_MACHINE_SHAPES)} (GPU T4 x2, TPU v5e-8)"
+        )
+    return KAGGLE_MACHINE_SHAPES[machine_shape], machine_shape
+
+
+def _kaggle_notes(
+    kernel_id: str, workdir: str, opts: Options, resume_from: str
+) -> list[str]:
+    owner, slug = kernel_id.split("/", 1)
     url = f"https://www.kaggle.com/code/{owner}/{slug}"
     notes = [f"follow it: kaggle kernels status {kernel_id} (or {url})"]
     if opts.gcs_secret:
@@ -582,7 +684,7 @@ def _render_kaggle(
             f"Edit, Add-ons > Secrets, attach {opts.gcs_secret!r}, then Save Version "
             "(Save & Run All); until then the notebook stops at once with this step"
         )
-    if on_working:
+    if storage.is_local(workdir):
         notes.append(
             f"{workdir} is kept only as the version's output: the next push attaches "
             f"this kernel's output (kernel_sources) and the notebook copies it back "
@@ -591,14 +693,7 @@ def _render_kaggle(
         )
     else:
         notes.append("if the session deadline stopped it, push again: it resumes")
-    return {
-        "job_url": job_url,
-        "files": {code_file: nb_path, "kernel-metadata.json": meta_path},
-        "notebook": notebook,
-        "kernel_metadata": metadata,
-        "command": ["kaggle", "kernels", "push", "-p", out_dir],
-        "notes": notes,
-    }
+    return notes
 
 
 def _kaggle_kernel_id(spec, opts: Options) -> str:
@@ -707,10 +802,7 @@ def kernel_metadata(
 def _render_colab(
     spec, job_url, workdir, opts: Options, out_dir: str
 ) -> dict[str, Any]:
-    if opts.accelerator not in ("none", "gpu", "tpu"):
-        raise SubmitError(
-            f"--accelerator: received {opts.accelerator!r}; expected none, gpu or tpu"
-        )
+    _check_accelerator(opts.accelerator)
     notebook = render_notebook(
         "colab",
         name=spec.name,
@@ -776,11 +868,79 @@ def render_notebook(
     """
     import nbformat
 
+    parameters = _parameters_cell(
+        platform,
+        job_url=job_url,
+        workdir=workdir,
+        package=package,
+        overrides=overrides,
+        deadline=deadline,
+        install=install,
+        gcs_secret=gcs_secret,
+        resume_from=resume_from,
+        internet=internet,
+    )
+    notebook = _notebook(platform, name, deadline, accelerator, parameters)
+    nbformat.validate(notebook)
+    return notebook
+
+
+def _notebook(
+    platform: str, name: str, deadline: str, accelerator: str, parameters: str
+):
+    """The notebook's cells in order, and the metadata its platform reads."""
+    import nbformat
+
+    v4 = nbformat.v4
+    storage_cell = (
+        _kaggle_storage_cell() if platform == "kaggle" else _colab_storage_cell()
+    )
+    how = (
+        "Run all cells. Training stops with a checkpoint before the session limit "
+        f"({deadline}); run the notebook again with the same `WORKDIR` to resume."
+    )
+    # Fixed cell ids: the same inputs render the same file (templates, diffs).
+    cells = [
+        v4.new_markdown_cell(
+            f"# {name}: `trainer` on {platform.title()}\n\n{how}", id="about"
+        ),
+        v4.new_code_cell(
+            parameters, metadata={"tags": ["parameters"]}, id="parameters"
+        ),
+        v4.new_code_cell(_install_cell(platform), id="install"),
+        v4.new_code_cell(storage_cell, id="storage"),
+        v4.new_code_cell(_train_cell(platform), id="train"),
+    ]
+    notebook = v4.new_notebook(cells=cells)
+    notebook.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    notebook.metadata["language_info"] = {"name": "python"}
+    if platform == "colab" and accelerator in ("gpu", "tpu"):
+        notebook.metadata["accelerator"] = accelerator.upper()
+    return notebook
+
+
+def _parameters_cell(
+    platform: str,
+    *,
+    job_url: str,
+    workdir: str,
+    package: str,
+    overrides: tuple[str, ...] | list[str],
+    deadline: str,
+    install: bool,
+    gcs_secret: str,
+    resume_from: str,
+    internet: bool,
+) -> str:
+    """The notebook's parameters, one a line; a local job spec is embedded."""
     job_text = ""
     if storage.is_local(job_url) and os.path.isfile(storage.local_path(job_url)):
         with open(storage.local_path(job_url), encoding="utf-8") as f:
             job_text = f.read()
-    v4 = nbformat.v4
     params = [
         "# Parameters (filled in by `trainer submit`; edit freely).",
         f"JOB = {job_url!r}  # the job spec's path or URL (JOB_TOML wins if set)",
@@ -801,9 +961,13 @@ def render_notebook(
         ]
     else:
         params.append("DRIVE = '/content/drive'  # where Google Drive is mounted")
-    parameters = "\n".join(params)
+    return "\n".join(params)
+
+
+def _install_cell(platform: str) -> str:
+    """Installs PACKAGE (Kaggle without internet: from an attached wheel's folder)."""
     if platform == "kaggle":
-        install_cell = "\n".join(
+        return "\n".join(
             [
                 "import os, subprocess, sys",
                 "if INSTALL:",
@@ -813,78 +977,87 @@ def render_notebook(
                 "    subprocess.check_call(pip + [PACKAGE])",
             ]
         )
-    else:
-        install_cell = "\n".join(
-            [
-                "import subprocess, sys",
-                "if INSTALL:",
-                "    subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--quiet', PACKAGE])",
-            ]
-        )
-    if platform == "colab":
-        storage_cell = "\n".join(
-            [
-                "# Cloud Storage needs your Google login (it names no project, and",
-                "# none is needed); Drive paths need Drive mounted.",
-                "try:",
-                "    from google.colab import auth, drive",
-                "except ImportError:  # Not on Colab (a local Jupyter).",
-                "    auth = drive = None",
-                "if auth is not None and 'gs://' in (JOB + WORKDIR):",
-                "    auth.authenticate_user()",
-                "ON_DRIVE = drive is not None and (JOB + WORKDIR).find(DRIVE + '/') >= 0",
-                "if ON_DRIVE:",
-                "    drive.mount(DRIVE)",
-            ]
-        )
-    else:
-        storage_cell = "\n".join(
-            [
-                "# Datasets and notebook outputs attached to this notebook are under",
-                "# /kaggle/input/. A gs:// workdir needs a service-account key stored",
-                "# as a Kaggle secret named GCS_SECRET.",
-                "import glob, os, shutil, tempfile",
-                "if GCS_SECRET:",
-                "    from kaggle_secrets import UserSecretsClient",
-                "    try:",
-                "        key = UserSecretsClient().get_secret(GCS_SECRET)",
-                "    except Exception as e:  # Not attached: the client raises.",
-                "        key, why = None, f'{type(e).__name__}: {e}'",
-                "    else:",
-                "        why = 'it is empty'",
-                "    if not key:",
-                "        raise RuntimeError(",
-                "            f'Kaggle secret {GCS_SECRET!r} is not attached to this notebook '",
-                "            f'({why}): `kaggle kernels push` cannot attach secrets. Open the '",
-                "            'notebook on kaggle.com, Edit, Add-ons > Secrets, attach '",
-                "            f'{GCS_SECRET!r}, then Save Version (Save & Run All).')",
-                "    # Outside WORKING: Kaggle publishes that folder as the version's output.",
-                "    key_path = os.path.join(tempfile.mkdtemp(prefix='gcs-key-'), 'key.json')",
-                "    with open(os.open(key_path, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as f:",
-                "        f.write(key)",
-                "    os.environ['GOOGLE_APPLICATION_CREDENTIALS'] = key_path",
-                "# A WORKING workdir lives on only as a version's output: restore the",
-                "# previous version's, attached under INPUT, before training resumes.",
-                "if RESUME_FROM and WORKDIR.startswith(WORKING + '/') and not os.path.exists(",
-                "    os.path.join(WORKDIR, 'job.json')",
-                "):",
-                "    rel = os.path.relpath(WORKDIR, WORKING)",
-                "    owner, slug = RESUME_FROM.split('/')[:2]",
-                "    found = [",
-                "        d for d in [os.path.join(INPUT, slug, rel),",
-                "                    os.path.join(INPUT, 'notebooks', owner, slug, rel),",
-                "                    *sorted(glob.glob(os.path.join(INPUT, '*', rel)))]",
-                "        if os.path.isfile(os.path.join(d, 'job.json'))",
-                "    ]",
-                "    if found:",
-                "        shutil.copytree(found[0], WORKDIR, dirs_exist_ok=True)",
-                "        print(f'restored {WORKDIR} from {found[0]}')",
-                "    else:",
-                "        print(f'no earlier output of {RESUME_FROM} under {INPUT}: starting afresh')",
-            ]
-        )
+    return "\n".join(
+        [
+            "import subprocess, sys",
+            "if INSTALL:",
+            "    subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--quiet', PACKAGE])",
+        ]
+    )
+
+
+def _colab_storage_cell() -> str:
+    """Logs in for gs:// URLs; mounts Google Drive for Drive paths."""
+    return "\n".join(
+        [
+            "# Cloud Storage needs your Google login (it names no project, and",
+            "# none is needed); Drive paths need Drive mounted.",
+            "try:",
+            "    from google.colab import auth, drive",
+            "except ImportError:  # Not on Colab (a local Jupyter).",
+            "    auth = drive = None",
+            "if auth is not None and 'gs://' in (JOB + WORKDIR):",
+            "    auth.authenticate_user()",
+            "ON_DRIVE = drive is not None and (JOB + WORKDIR).find(DRIVE + '/') >= 0",
+            "if ON_DRIVE:",
+            "    drive.mount(DRIVE)",
+        ]
+    )
+
+
+def _kaggle_storage_cell() -> str:
+    """The secret's service-account key for gs://; a WORKING workdir restored."""
+    return "\n".join(
+        [
+            "# Datasets and notebook outputs attached to this notebook are under",
+            "# /kaggle/input/. A gs:// workdir needs a service-account key stored",
+            "# as a Kaggle secret named GCS_SECRET.",
+            "import glob, os, shutil, tempfile",
+            "if GCS_SECRET:",
+            "    from kaggle_secrets import UserSecretsClient",
+            "    try:",
+            "        key = UserSecretsClient().get_secret(GCS_SECRET)",
+            "    except Exception as e:  # Not attached: the client raises.",
+            "        key, why = None, f'{type(e).__name__}: {e}'",
+            "    else:",
+            "        why = 'it is empty'",
+            "    if not key:",
+            "        raise RuntimeError(",
+            "            f'Kaggle secret {GCS_SECRET!r} is not attached to this notebook '",
+            "            f'({why}): `kaggle kernels push` cannot attach secrets. Open the '",
+            "            'notebook on kaggle.com, Edit, Add-ons > Secrets, attach '",
+            "            f'{GCS_SECRET!r}, then Save Version (Save & Run All).')",
+            "    # Outside WORKING: Kaggle publishes that folder as the version's output.",
+            "    key_path = os.path.join(tempfile.mkdtemp(prefix='gcs-key-'), 'key.json')",
+            "    with open(os.open(key_path, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as f:",
+            "        f.write(key)",
+            "    os.environ['GOOGLE_APPLICATION_CREDENTIALS'] = key_path",
+            "# A WORKING workdir lives on only as a version's output: restore the",
+            "# previous version's, attached under INPUT, before training resumes.",
+            "if RESUME_FROM and WORKDIR.startswith(WORKING + '/') and not os.path.exists(",
+            "    os.path.join(WORKDIR, 'job.json')",
+            "):",
+            "    rel = os.path.relpath(WORKDIR, WORKING)",
+            "    owner, slug = RESUME_FROM.split('/')[:2]",
+            "    found = [",
+            "        d for d in [os.path.join(INPUT, slug, rel),",
+            "                    os.path.join(INPUT, 'notebooks', owner, slug, rel),",
+            "                    *sorted(glob.glob(os.path.join(INPUT, '*', rel)))]",
+            "        if os.path.isfile(os.path.join(d, 'job.json'))",
+            "    ]",
+            "    if found:",
+            "        shutil.copytree(found[0], WORKDIR, dirs_exist_ok=True)",
+            "        print(f'restored {WORKDIR} from {found[0]}')",
+            "    else:",
+            "        print(f'no earlier output of {RESUME_FROM} under {INPUT}: starting afresh')",
+        ]
+    )
+
+
+def _train_cell(platform: str) -> str:
+    """Runs the job to completion or a checkpointed stop (Colab: flushes Drive)."""
     again = "run all cells again" if platform == "colab" else "push again (or Run All)"
-    run_cell = "\n".join(
+    return "\n".join(
         [
             "import trainer.config, trainer.preemption, trainer.train",
             "",
@@ -914,33 +1087,6 @@ def render_notebook(
             else []
         )
     )
-    how = (
-        "Run all cells. Training stops with a checkpoint before the session limit "
-        f"({deadline}); run the notebook again with the same `WORKDIR` to resume."
-    )
-    # Fixed cell ids: the same inputs render the same file (templates, diffs).
-    cells = [
-        v4.new_markdown_cell(
-            f"# {name}: `trainer` on {platform.title()}\n\n{how}", id="about"
-        ),
-        v4.new_code_cell(
-            parameters, metadata={"tags": ["parameters"]}, id="parameters"
-        ),
-        v4.new_code_cell(install_cell, id="install"),
-        v4.new_code_cell(storage_cell, id="storage"),
-        v4.new_code_cell(run_cell, id="train"),
-    ]
-    notebook = v4.new_notebook(cells=cells)
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    notebook.metadata["language_info"] = {"name": "python"}
-    if platform == "colab" and accelerator in ("gpu", "tpu"):
-        notebook.metadata["accelerator"] = accelerator.upper()
-    nbformat.validate(notebook)
-    return notebook
 
 
 # The notebooks in deploy/kaggle/ and deploy/colab/ are these templates;
