@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_DATA ?= data/digits
 DEMO_WORKDIR ?= runs/digits
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "trainer needs Python >= 3.11; set PYTHON=python3.11")'
@@ -29,8 +29,17 @@ $(DEMO_DATA)/manifest.json: | $(VENV)/.cpu
 demo: $(VENV)/.cpu $(DEMO_DATA)/manifest.json
 	$(PY) -m trainer train --job=jobs/digits.toml --workdir=$(DEMO_WORKDIR)
 
+# Two pytest workers (pytest-xdist): most of the suite waits on subprocesses
+# that import TensorFlow. Tests that share an expensive run are kept on one
+# worker by their xdist_group.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# The inner loop: everything but the slow marker (trainings in subprocesses,
+# notebooks, multi-process runs); CI runs the whole suite.
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check trainer tests benchmarks

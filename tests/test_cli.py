@@ -65,9 +65,8 @@ def test_python_m_trainer_without_a_command_prints_usage():
 
 
 def test_glob_matching_nothing(tmp_path):
-    # Bad input found deep in the library (`check` resolving the data); a
-    # subprocess also because `check` sets process-wide TensorFlow state (op
-    # determinism, the precision policy) that other tests must not inherit.
+    # Bad input found deep in the library (`check` resolving the data),
+    # through the front door.
     proc = trainer(
         "check",
         "--job=jobs/digits.toml",

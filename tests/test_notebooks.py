@@ -22,6 +22,8 @@ import pytest
 pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+pytestmark = pytest.mark.slow  # Each test trains in a fresh notebook kernel.
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "phases.transfer.epochs=1",

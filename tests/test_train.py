@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from tests.test_cli import assert_bad_input, trainer
+from tests.test_cli import assert_bad_input, run, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,8 @@ def trained(digits, tmp_path_factory):
     return workdir, proc
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("trained")
 def test_train_end_to_end_then_rerun_is_a_noop(digits, trained):
     workdir, proc = trained
     run = pathlib.Path(workdir)
@@ -83,6 +85,8 @@ def test_train_end_to_end_then_rerun_is_a_noop(digits, trained):
     assert json.loads((run / "summary.json").read_text()) == summary
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("trained")
 def test_exported_model_loads_in_safe_mode(digits, trained, tmp_path):
     workdir, _ = trained
     import keras
@@ -121,9 +125,9 @@ def test_exported_model_loads_in_safe_mode(digits, trained, tmp_path):
     assert_bad_input(missing, r"image not found: .*none.png")
 
 
-def test_check_leaves_no_checkpoint(digits, tmp_path):
+def test_check_leaves_no_checkpoint(digits, tmp_path, capsys):
     workdir = tmp_path / "run"
-    proc = trainer("check", *job_args(digits, str(workdir)))
+    proc = run(capsys, "check", *job_args(digits, str(workdir)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "check passed" in proc.stdout
     assert "steps_per_epoch" in proc.stdout and "trainable_params" in proc.stdout
@@ -131,16 +135,18 @@ def test_check_leaves_no_checkpoint(digits, tmp_path):
     assert not (workdir / "summary.json").exists()
 
 
-def test_image_size_too_small_for_backbone(digits, tmp_path):
-    proc = trainer(
+def test_image_size_too_small_for_backbone(digits, tmp_path, capsys):
+    proc = run(
+        capsys,
         "check",
         *job_args(digits, str(tmp_path / "w"), "--set=model.backbone=inceptionv3"),
     )
     assert_bad_input(proc, r"data.image_size.*inceptionv3")
 
 
-def test_unknown_layer_name(digits, tmp_path):
-    proc = trainer(
+def test_unknown_layer_name(digits, tmp_path, capsys):
+    proc = run(
+        capsys,
         "check",
         *job_args(
             digits,
@@ -178,9 +184,10 @@ def test_mirrored_strategy_on_two_logical_cpus(digits, tmp_path):
     assert summary["status"] == "completed" and summary["global_step"] == 4
 
 
-def test_deterministic_xla_conflict_is_explained(digits, tmp_path):
+def test_deterministic_xla_conflict_is_explained(digits, tmp_path, capsys):
     """Op determinism has no XLA MaxPool gradient: `check` says which key to change."""
-    proc = trainer(
+    proc = run(
+        capsys,
         "check",
         *job_args(
             digits,
@@ -193,9 +200,9 @@ def test_deterministic_xla_conflict_is_explained(digits, tmp_path):
     assert_bad_input(proc, r"set phases.finetune.jit_compile = false")
 
 
-def test_unwritable_workdir_is_named(digits, gcs_server, tmp_path):
+def test_unwritable_workdir_is_named(digits, gcs_server, capsys):
     """A bucket that does not exist: exit 2 naming the workdir, nothing written."""
-    proc = trainer("check", *job_args(digits, "gs://no-such-bucket-here/run"))
+    proc = run(capsys, "check", *job_args(digits, "gs://no-such-bucket-here/run"))
     assert_bad_input(proc, r"workdir gs://no-such-bucket-here/run is not writable")
 
 
