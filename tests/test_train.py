@@ -25,7 +25,9 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
+# Session scope: under pytest-xdist a worker may interleave other modules'
+# tests, and a module-scoped fixture would be rebuilt after each switch.
+@pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> str:
     from trainer import convert
 
@@ -45,7 +47,7 @@ def job_args(digits: str, workdir: str, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(digits, tmp_path_factory):
     """One completed run, shared by the tests that only read its outputs."""
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
