@@ -38,3 +38,17 @@ def test_benchmarks_import():
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         if path.stem != "__init__":
             importlib.import_module(f"benchmarks.{path.stem}")
+
+
+def test_functions_fit_on_a_screen():
+    """No function in trainer/ runs past 60 lines: split it into named steps."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "trainer").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
