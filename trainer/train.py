@@ -136,7 +136,12 @@ def run(
         )
         try:
             summary = _resume_and_train(
-                spec, workdir, rt, ckpt, deadline_seconds, metadata_url
+                spec,
+                workdir,
+                rt,
+                ckpt,
+                deadline_seconds=deadline_seconds,
+                metadata_url=metadata_url,
             )
             ckpt.close()
             return summary
@@ -147,7 +152,7 @@ def run(
             raise
 
 
-def _resume_and_train(spec, root, rt, ckpt, deadline_seconds, metadata_url):
+def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
     """Resume precedence, then the loop.
 
     1. The workdir's newest valid checkpoint (older ones when it is damaged).
@@ -180,7 +185,17 @@ def _resume_and_train(spec, root, rt, ckpt, deadline_seconds, metadata_url):
     logs = reports.Logs(root, rt.is_chief)
     watcher.start()
     try:
-        return _Run(spec, root, rt, ckpt, model, state, watcher, logs).train(arrays)
+        loop = _Run(
+            spec=spec,
+            root=root,
+            rt=rt,
+            ckpt=ckpt,
+            model=model,
+            state=state,
+            watcher=watcher,
+            logs=logs,
+        )
+        return loop.train(arrays)
     finally:
         watcher.stop()
         logs.close()
@@ -197,14 +212,19 @@ def _durable_note(ckpt) -> str:
     )
 
 
+@dataclasses.dataclass
 class _Run:
     """One run of the loop: what it trains, where it writes, and its state."""
 
-    def __init__(self, spec, root, rt, ckpt, model, state, watcher, logs):
-        self.spec, self.root, self.rt = spec, root, rt
-        self.ckpt, self.model, self.state = ckpt, model, state
-        self.watcher, self.logs = watcher, logs
-        self.started = False  # Whether this process ran a training step yet.
+    spec: config.JobSpec
+    root: str  # The workdir.
+    rt: runtime.Runtime
+    ckpt: checkpoint.CheckpointManager
+    model: keras.Model
+    state: TrainState
+    watcher: preemption.PreemptionWatcher
+    logs: reports.Logs
+    started: bool = False  # Whether this process ran a training step yet.
 
     @property
     def phase(self) -> config.PhaseConfig:
