@@ -420,5 +420,10 @@ def test_jit_rule():
     assert models.jit_rule("all", "CPU") is True
     assert models.jit_rule("none", "GPU") is True
     assert models.jit_rule("none", "TPU") is True
+    # No collectives in XLA's CPU backend: never on several CPU replicas.
+    assert models.jit_rule("conv5", "CPU", replicas=2) is False
+    assert models.jit_rule("conv5", "GPU", replicas=2) is True
+    assert models.jit_unsupported("CPU", 1) is None
+    assert "2 CPU replicas" in models.jit_unsupported("cpu", 2)
     with pytest.raises(ValueError, match="device_type='NPU'"):
         models.jit_rule("none", "NPU")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -174,6 +175,8 @@ def test_mirrored_strategy_on_two_logical_cpus(digits, tmp_path):
             "--set=model.backbone=mobilenetv2",
             "--set=model.dense=[32]",
             "--set=phases.finetune.trainable_from=block_16_expand",
+            # "auto" must be safe here: XLA has no CPU collectives (issue 10).
+            "--set=phases.finetune.jit_compile=auto",
             "--set=phases.transfer.epochs=1",
             "--set=phases.transfer.steps_per_epoch=3",
             "--set=phases.finetune.steps_per_epoch=1",
@@ -251,3 +254,51 @@ def test_best_step_follows_the_monitor(monitor, values):
         state.global_step = step
         train._update_best(spec, state, value)
     assert (state.best_step, state.best_metric) == (2, values[1])  # A tie keeps 2.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "phases.finetune.jit_compile=true",
+            "phases.finetune.jit_compile = true cannot run phase 'finetune': "
+            "XLA's CPU backend has no cross-replica collectives, and this run has "
+            "2 CPU replicas",
+        ),
+        (
+            "train.global_batch_size=15",
+            "train.global_batch_size = 15 does not split over the 2 replicas of "
+            "this run (mirrored x2); set it to a multiple of 2, e.g. 14",
+        ),
+    ],
+)
+def test_what_two_replicas_cannot_run_is_exit_2(digits, tmp_path, setting, message):
+    proc = trainer(
+        "check",
+        *job_args(digits, str(tmp_path / "w"), f"--set={setting}"),
+        env={"TRAINER_CPU_DEVICES": "2"},
+    )
+    assert_bad_input(proc, re.escape(message))
+
+
+def test_xla_recorded_on_one_replica_is_dropped_on_two(capsys):
+    """A checkpoint from one CPU that compiled its fine-tune resumes on two."""
+    from trainer import config, runtime, train
+
+    spec = config.load(str(ROOT / "jobs" / "digits.toml"))
+    rt = runtime.Runtime(
+        strategy=None,
+        strategy_name="mirrored",
+        device_type="cpu",
+        precision="float32",
+        num_replicas=2,
+        is_chief=True,
+        platform="local",
+    )
+    state = train.TrainState(runtime={"jit": {"finetune": True, "transfer": False}})
+    loop = train._Run(spec, "w", rt, None, None, state, None, None)
+    assert loop._jit(spec.phases[1]) is False
+    assert state.runtime["jit"]["finetune"] is False
+    assert "phase 'finetune' continues without XLA" in capsys.readouterr().out
+    assert loop._jit(spec.phases[0]) is False

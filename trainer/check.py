@@ -39,6 +39,7 @@ def check(
     with runtime.setup(
         spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
     ) as rt:
+        train.check_batch(spec, rt)
         plan = _plan(spec, workdir, rt)
         storage.check_writable(workdir)
         with rt.strategy.scope():
@@ -74,7 +75,7 @@ def _dry_run(spec, rt, model, phase, n: int) -> dict[str, Any]:
     """`n` steps of `phase` with a tiny batch; the phase's row of the plan."""
     train.set_trainable(model, spec, phase)
     trainable = models.count_params(model)["trainable"]
-    jit = train.resolve_jit(spec, phase, rt.device_type)
+    jit = train.resolve_jit(spec, phase, rt)
     with rt.strategy.scope():
         optimizer = steps.make_optimizer(
             spec.train.optimizer, phase.learning_rate, rt.precision

@@ -843,29 +843,49 @@ def format_layer_table(rows: list[dict[str, Any]]) -> str:
 # jit_compile = "auto"
 
 
-def jit_rule(trainable_from: str, device_type: str) -> bool:
+def jit_rule(trainable_from: str, device_type: str, replicas: int = 1) -> bool:
     """Whether `jit_compile = "auto"` turns XLA on for a phase.
 
     A fixed rule, never timing, so two runs of one spec compute the same way.
     Figures (design.md, ResNet50 32x32, batch 64, this 2-core CPU, images/s):
     frozen backbone 674 without XLA vs 112 with (6x slower); from conv5_block1
     18 vs 85 (4.6x faster); from conv4 13 vs 51. TF's CPU conv weight-gradient
-    kernels are slow on small maps, and XLA's are not.
+    kernels are slow on small maps, and XLA's are not. Never on more than one
+    CPU replica: see `jit_unsupported`.
 
     Args:
       trainable_from: the phase's `trainable_from` ("none" = backbone frozen).
       device_type: "CPU", "GPU" or "TPU" (case-insensitive).
+      replicas: replicas in sync (devices times workers).
     """
     device = device_type.upper()
-    if device == "TPU":
-        return True  # TPUs run compiled programs only.
-    if device == "GPU":
-        return True
+    if device not in ("CPU", "GPU", "TPU"):
+        raise ValueError(
+            f"jit_rule: received device_type={device_type!r}; expected CPU, GPU or TPU"
+        )
+    if jit_unsupported(device, replicas):
+        return False
     if device == "CPU":
         return trainable_from != "none"
-    raise ValueError(
-        f"jit_rule: received device_type={device_type!r}; expected CPU, GPU or TPU"
-    )
+    return True  # GPUs gain from XLA; TPUs run compiled programs only.
+
+
+def jit_unsupported(device_type: str, replicas: int) -> str | None:
+    """Why XLA cannot compile the training step here; None when it can.
+
+    The compiled step holds the cross-replica gradient reduction (the
+    optimizer's all-reduce under a distribution strategy), and XLA's CPU
+    backend has no collectives: two CPU replicas fail with "Collectives are
+    not yet implemented for CPU devices when compiling with XLA" (two worker
+    processes), or with a variable read from another replica's device (two
+    logical CPUs in one process).
+    """
+    if device_type.upper() == "CPU" and replicas > 1:
+        return (
+            f"XLA's CPU backend has no cross-replica collectives, and this run "
+            f"has {replicas} CPU replicas"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -159,6 +159,7 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
     2. Otherwise the spec's pretrained weights (`model.weights`), head from
        the seed.
     """
+    check_batch(spec, rt)
     _record_spec(spec, root, rt.is_chief)
     ckpt.claim()
     if spec.train.deterministic:
@@ -430,9 +431,12 @@ class _Run:
     def _jit(self, phase) -> bool:
         """The phase's jit_compile; on resume, the choice recorded in the checkpoint."""
         recorded = self.state.runtime.get("jit", {}).get(phase.name)
-        if recorded is not None:
+        unsupported = models.jit_unsupported(self.rt.device_type, self.rt.num_replicas)
+        if recorded and unsupported:  # Resumed on other hardware.
+            print(f"note: phase {phase.name!r} continues without XLA: {unsupported}")
+        elif recorded is not None:
             return bool(recorded)
-        jit = resolve_jit(self.spec, phase, self.rt.device_type)
+        jit = resolve_jit(self.spec, phase, self.rt)
         self.state.runtime.setdefault("jit", {})[phase.name] = jit
         return jit
 
@@ -530,11 +534,41 @@ def set_trainable(model, spec, phase) -> None:
         raise SpecError(f"phases.{phase.name}.{e}") from None
 
 
-def resolve_jit(spec, phase, device_type: str) -> bool:
-    """`jit_compile` for a phase: the spec's value, or the fixed `auto` rule."""
+def check_batch(spec, rt: runtime.Runtime) -> None:
+    """Each batch splits evenly over the replicas; exit 2 naming both numbers."""
+    n = rt.num_replicas
+    for key, size in (
+        ("train.global_batch_size", spec.train.global_batch_size),
+        ("train.eval_batch_size", spec.train.eval_batch_size),
+    ):
+        if size and size % n:
+            raise SpecError(
+                f"{key} = {size} does not split over the {n} replicas of this run "
+                f"({rt.strategy_name} x{n}); set it to a multiple of {n}, e.g. "
+                f"{size // n * n or n}"
+            )
+
+
+def resolve_jit(spec, phase, rt: runtime.Runtime) -> bool:
+    """`jit_compile` for a phase: the spec's value, or the fixed `auto` rule.
+
+    Raises:
+      SpecError: `jit_compile = true` where XLA cannot compile the step.
+    """
     value = spec.phase_jit(phase)
     if value == "auto":
-        return models.jit_rule(phase.trainable_from, device_type)
+        return models.jit_rule(phase.trainable_from, rt.device_type, rt.num_replicas)
+    unsupported = models.jit_unsupported(rt.device_type, rt.num_replicas)
+    if value and unsupported:
+        key = (
+            "train.jit_compile"
+            if phase.jit_compile is None
+            else f"phases.{phase.name}.jit_compile"
+        )
+        raise SpecError(
+            f"{key} = true cannot run phase {phase.name!r}: {unsupported}; set "
+            f'{key} = "auto" (or false) to train this phase without XLA'
+        )
     return bool(value)
 
 
