@@ -154,3 +154,22 @@ def test_a_run_leaves_no_process_wide_settings_behind():
         assert tf_config.is_op_determinism_enabled()
     assert keras.mixed_precision.global_policy().name == before
     assert not tf_config.is_op_determinism_enabled()
+
+
+def test_a_tpu_that_this_tensorflow_cannot_drive_is_exit_2(tmp_path):
+    # What Kaggle's TPU VMs look like to us: TPU_ACCELERATOR_TYPE set, and a
+    # TensorFlow without TPU kernels (this CPU wheel has none either).
+    from tests.test_cli import assert_bad_input, trainer
+
+    proc = trainer(
+        "check",
+        "--job=jobs/digits.toml",
+        f"--workdir={tmp_path}/w",
+        env={"TPU_ACCELERATOR_TYPE": "v5litepod-8"},
+    )
+    assert_bad_input(
+        proc,
+        r"a TPU is attached \(local\) but TensorFlow .* has no TPU support .*"
+        r"tensorflow-tpu .*runtime.strategy = \"cpu\"",
+    )
+    assert not (tmp_path / "w").exists()

@@ -255,11 +255,7 @@ def _auto_strategy(tf) -> str:
 
 def _make_strategy(tf, name: str):
     if name == "tpu":
-        address = tpu_address() or "local"
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver), "tpu"
+        return _tpu_strategy(tf), "tpu"
     gpus = tf.config.list_physical_devices("GPU")
     device_type = "gpu" if gpus else "cpu"
     if name == "multiworker":
@@ -276,6 +272,31 @@ def _make_strategy(tf, name: str):
     if name == "cpu":
         return tf.distribute.get_strategy(), "cpu"
     raise SpecError(f"runtime.strategy: unknown strategy {name!r}")
+
+
+def _tpu_strategy(tf):
+    """TPUStrategy on the attached TPU, or exit 2 when TensorFlow cannot drive it.
+
+    Kaggle's TPU images ship tensorflow-cpu and Colab's TPU runtimes none at
+    all (design.md): such a TensorFlow has no TPU kernels, and TPU
+    initialisation fails deep inside it with "No registered
+    'ConfigureDistributedTPU' OpKernel".
+    """
+    address = tpu_address() or "local"
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
+    tf.config.experimental_connect_to_cluster(resolver)
+    try:
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except tf.errors.NotFoundError as e:
+        if "ConfigureDistributedTPU" not in str(e):
+            raise
+        raise SetupError(
+            f"a TPU is attached ({address}) but TensorFlow {tf.__version__} has "
+            "no TPU support (tensorflow-cpu, or a build without TPU kernels); "
+            "install the tensorflow-tpu wheel that matches this machine's "
+            'libtpu, or set runtime.strategy = "cpu" to train on the CPU'
+        ) from None
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def _gpus_have_tensor_cores(tf) -> bool:
