@@ -108,6 +108,9 @@ class RuntimeConfig:
     mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = (
         "auto"
     )
+    # Several workers: a collective that waits this long for a silent peer
+    # (a VM gone without closing its connections) fails instead of hanging.
+    collective_timeout_seconds: float = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,6 +458,9 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
     positive("train.steps_per_execution", t.steps_per_execution)
     non_negative("train.early_stopping_patience", t.early_stopping_patience)
     positive("train.preemption_budget_seconds", t.preemption_budget_seconds)
+    positive(
+        "runtime.collective_timeout_seconds", spec.runtime.collective_timeout_seconds
+    )
     for p in spec.phases:
         positive(f"phases.{p.name}.epochs", p.epochs)
         positive(f"phases.{p.name}.learning_rate", p.learning_rate)

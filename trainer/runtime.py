@@ -83,6 +83,46 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
+def tf_config_from_cluster_spec(environ: dict[str, str] | None = None) -> str | None:
+    """TF_CONFIG for Vertex AI's CLUSTER_SPEC; None when there is nothing to add.
+
+    Vertex AI describes a multi-worker job as worker pools: workerpool0 is the
+    chief, workerpool1 the other workers (2 and 3, parameter servers and
+    evaluators, have no place in synchronous data-parallel training). Only
+    used when TF_CONFIG itself is absent.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get("CLUSTER_SPEC")
+    if not raw or env.get("TF_CONFIG"):
+        return None
+    try:
+        spec = json.loads(raw)
+        pools, task = spec["cluster"], spec["task"]
+        roles = {"workerpool0": "chief", "workerpool1": "worker"}
+        extra = sorted(set(pools) - set(roles))
+        if extra:
+            raise SetupError(
+                f"CLUSTER_SPEC has worker pools {extra}: synchronous training "
+                "uses workerpool0 (the chief) and workerpool1 only; remove the others"
+            )
+        cluster = {roles[k]: v for k, v in pools.items() if v}
+        mine = {"type": roles[task["type"]], "index": int(task["index"])}
+    except (ValueError, KeyError, TypeError):
+        raise SetupError(
+            f"CLUSTER_SPEC is not Vertex AI's cluster description: {raw[:200]!r}"
+        ) from None
+    return json.dumps({"cluster": cluster, "task": mine})
+
+
+def task_address(job: str, index: int) -> str:
+    """`/job:worker/task:1` as its address in TF_CONFIG (`host:port`), for messages."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+        return f"{job} {index} ({cluster[job][index]})"
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return f"{job} {index}"
+
+
 def tf_config_workers(environ: dict[str, str] | None = None) -> int:
     """Number of workers (chief included) in TF_CONFIG; 1 when there is none."""
     env = os.environ if environ is None else environ
@@ -110,6 +150,7 @@ class Runtime:
     num_replicas: int
     is_chief: bool
     platform: str
+    workers: int = 1  # Processes training in lock step (MultiWorkerMirroredStrategy).
 
     def describe(self) -> dict[str, object]:
         return {
@@ -119,6 +160,7 @@ class Runtime:
             "num_replicas": self.num_replicas,
             "is_chief": self.is_chief,
             "platform": self.platform,
+            "workers": self.workers,
         }
 
 
@@ -145,8 +187,11 @@ def setup(
             # bit for bit what an uninterrupted one does.
             keras.utils.set_random_seed(seed)
         _split_cpu_for_tests(tf)
+        tf_config = tf_config_from_cluster_spec()
+        if tf_config:  # Read by MultiWorkerMirroredStrategy and tf_config_workers.
+            os.environ["TF_CONFIG"] = tf_config
         name = _auto_strategy(tf) if rt.strategy == "auto" else rt.strategy
-        strategy, device_type = _make_strategy(tf, name)
+        strategy, device_type = _make_strategy(tf, name, rt)
         precision = _precision(tf, rt.mixed_precision, device_type)
         keras.mixed_precision.set_global_policy(precision)
         if device_type == "cpu":
@@ -162,6 +207,7 @@ def setup(
                 num_replicas=strategy.num_replicas_in_sync,
                 is_chief=is_chief(strategy),
                 platform=detect_platform(),
+                workers=tf_config_workers() if name == "multiworker" else 1,
             )
         finally:
             keras.mixed_precision.set_global_policy(policy)
@@ -253,13 +299,19 @@ def _auto_strategy(tf) -> str:
     return "cpu"
 
 
-def _make_strategy(tf, name: str):
+def _make_strategy(tf, name: str, rt: config.RuntimeConfig):
     if name == "tpu":
         return _tpu_strategy(tf), "tpu"
     gpus = tf.config.list_physical_devices("GPU")
     device_type = "gpu" if gpus else "cpu"
     if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy(), device_type
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=rt.collective_timeout_seconds
+        )
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=options
+        )
+        return strategy, device_type
     if name == "mirrored":
         devices = None
         if not gpus:

@@ -149,6 +149,24 @@ def evaluate(eval_fn, spec, strategy, tally=None, pass_key=0) -> dict[str, Any]:
     }
 
 
+def make_agreement(strategy):
+    """A `tf.function` that tells every worker whether any worker must stop.
+
+    `agree(flag)` all-reduces one int32 (a sum: distribution strategies
+    reduce by SUM or MEAN only) over every replica of every worker: one scalar collective, called once per `steps_per_execution`
+    steps. A worker told to stop (SIGTERM, the GCE notice, its deadline) thus
+    stops at the same step as the others, instead of leaving them waiting
+    in a collective for a peer that has gone.
+    """
+
+    @tf.function
+    def agree(flag):
+        local = strategy.run(lambda: tf.identity(flag))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, local, axis=None)
+
+    return agree
+
+
 def explain_determinism(e: Exception, phase_name: str) -> None:
     """Op determinism has no XLA kernel for some gradients: say which keys to change."""
     if isinstance(e, tf.errors.UnimplementedError) and "deterministic" in str(e):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -226,6 +227,7 @@ class _Run:
     watcher: preemption.PreemptionWatcher
     logs: reports.Logs
     started: bool = False  # Whether this process ran a training step yet.
+    agree: Any = None  # steps.make_agreement's function, once several workers ask.
 
     @property
     def phase(self) -> config.PhaseConfig:
@@ -243,15 +245,51 @@ class _Run:
                 arrays = None  # Restored slots belong to one phase only.
             return self._finish()
         except tf.errors.OpError as e:
+            gone = self._peer_gone(e)
+            if gone is not None:
+                self._write_preempted_summary()
+                raise gone from None
             steps.explain_determinism(e, self.phase.name)
             # Reader errors cross tf.data as OpErrors; give back the DataError
             # (shard URL, offset, remedy) that caused one.
             input_pipeline.reraise_data_error(e)
         except preemption.Preempted:
-            if self.rt.is_chief:
-                last = self.state.history[-1] if self.state.history else {}
-                reports.write_summary(self.root, self._summary("preempted", last))
+            self._write_preempted_summary()
             raise
+
+    def _write_preempted_summary(self) -> None:
+        if self.rt.is_chief:
+            last = self.state.history[-1] if self.state.history else {}
+            reports.write_summary(self.root, self._summary("preempted", last))
+
+    def _peer_gone(self, e: Exception) -> preemption.Preempted | None:
+        """A collective that lost a worker stops this one too, as preempted.
+
+        Nothing is saved: the failed call may have updated some of its steps'
+        variables. Running again (on every worker) resumes from the last
+        committed checkpoint, as after a kill -9.
+        """
+        lost = (
+            tf.errors.UnavailableError,
+            tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError,
+            tf.errors.AbortedError,
+        )
+        if self.rt.workers == 1 or not isinstance(e, lost):
+            return None
+        text = str(e)
+        cause = re.search(
+            r"Collective ops is aborted by: ([^\n]*:\n[^\n]*|[^\n]*)", text
+        )
+        detail = " ".join(cause.group(1).split()) if cause else type(e).__name__
+        tasks = re.findall(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)", text)
+        peers = sorted({runtime.task_address(job, int(i)) for job, i in tasks})
+        step = self.ckpt.committed_step
+        return preemption.Preempted(
+            f"a worker of this run is gone (peers named: {', '.join(peers) or 'none'};"
+            f" {detail[:300]})"
+            + ("" if step is None else f"; the last durable checkpoint is step {step}")
+        )
 
     def _train_phase(self, arrays) -> None:
         """One phase from the state on: epochs of steps, validation, checkpoints."""
@@ -358,6 +396,11 @@ class _Run:
 
     def _stop_if_preempted(self, optimizer) -> None:
         reason = self.watcher.reason()
+        if self.rt.workers > 1:  # Every worker stops, or none does.
+            if self.agree is None:
+                self.agree = steps.make_agreement(self.rt.strategy)
+            anyone = int(self.agree(tf.constant(1 if reason else 0, tf.int32)))
+            reason = reason or (anyone and "another worker was told to stop")
         if reason:
             step = self.state.global_step
             print(f"\n{reason}: saving a checkpoint at step {step} and stopping")
