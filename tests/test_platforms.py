@@ -7,6 +7,7 @@ under /usr/local/nvidia; the Dockerfile is what hadolint reads.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -173,3 +174,26 @@ def test_a_tpu_that_this_tensorflow_cannot_drive_is_exit_2(tmp_path):
         r"tensorflow-tpu .*runtime.strategy = \"cpu\"",
     )
     assert not (tmp_path / "w").exists()
+
+
+def test_vertex_cluster_spec_becomes_tf_config():
+    from trainer import runtime
+    from trainer.errors import SetupError
+
+    pools = {"workerpool0": ["a:1"], "workerpool1": ["b:2", "c:3"]}
+    spec = {"cluster": pools, "task": {"type": "workerpool1", "index": 1}}
+    converted = runtime.tf_config_from_cluster_spec({"CLUSTER_SPEC": json.dumps(spec)})
+    assert json.loads(converted) == {
+        "cluster": {"chief": ["a:1"], "worker": ["b:2", "c:3"]},
+        "task": {"type": "worker", "index": 1},
+    }
+    assert runtime.tf_config_workers({"TF_CONFIG": converted}) == 3
+    # TF_CONFIG, when Vertex also sets it, wins; no CLUSTER_SPEC, nothing to do.
+    both = {"CLUSTER_SPEC": json.dumps(spec), "TF_CONFIG": "{}"}
+    assert runtime.tf_config_from_cluster_spec(both) is None
+    assert runtime.tf_config_from_cluster_spec({}) is None
+    with_ps = {"cluster": {**pools, "workerpool2": ["d:4"]}, "task": spec["task"]}
+    with pytest.raises(SetupError, match=r"worker pools \['workerpool2'\]"):
+        runtime.tf_config_from_cluster_spec({"CLUSTER_SPEC": json.dumps(with_ps)})
+    with pytest.raises(SetupError, match="not Vertex AI's cluster description"):
+        runtime.tf_config_from_cluster_spec({"CLUSTER_SPEC": "{}"})

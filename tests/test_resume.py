@@ -62,7 +62,7 @@ def train_args(digits_dir: str, workdir: str, *extra: str) -> list[str]:
 class Run:
     """One `trainer train` process on a fresh "machine" (HOME, TMPDIR)."""
 
-    def __init__(self, args: list[str], scratch: str):
+    def __init__(self, args: list[str], scratch: str, env: dict | None = None):
         self.machine = tempfile.mkdtemp(prefix="machine-", dir=scratch)
         home, tmp = (
             os.path.join(self.machine, "home"),
@@ -76,6 +76,7 @@ class Run:
             TMPDIR=tmp,
             TF_CPP_MIN_LOG_LEVEL="3",
             PYTHONUNBUFFERED="1",
+            **(env or {}),
         )
         self.out_path = os.path.join(self.machine, "out.txt")
         self.err_path = os.path.join(self.machine, "err.txt")

@@ -1,0 +1,163 @@
+"""Two `trainer train` worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy).
+
+Real processes with one TF_CONFIG (or Vertex AI's CLUSTER_SPEC) each, the
+workdir in the GCS emulator: agreed preemption, a lost worker, resume.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_resume import Bucket, Run, summary, wait_for, workdir_in
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiworker")]
+
+# transfer: 1 epoch x 12 steps, finetune: 1 epoch x 4 steps; 2 replicas.
+TOTAL_STEPS = 16
+SMALL = [
+    "model.backbone=mobilenetv2",
+    "model.dense=[32]",
+    "phases.finetune.trainable_from=block_16_expand",
+    "train.global_batch_size=16",
+    "train.checkpoint_every_steps=4",
+    "train.deterministic=true",
+    "phases.transfer.epochs=1",
+    "phases.transfer.learning_rate=0.01",
+    "phases.transfer.steps_per_epoch=12",
+    "phases.finetune.epochs=1",
+    "phases.finetune.steps_per_epoch=4",
+]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(digits_dir, url, scratch, *, vertex=False, extra=()) -> list[Run]:
+    """Two workers of one run; worker 0 (or Vertex's workerpool0) is the chief."""
+    hosts = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    args = [
+        "train",
+        "--job=jobs/digits.toml",
+        f"--workdir={url}",
+        f"--set=data.train={digits_dir}/train-*.tfrecord",
+        f"--set=data.validation={digits_dir}/validation-00000-of-00007.tfrecord",
+        *(f"--set={s}" for s in SMALL),
+        *extra,
+    ]
+    runs = []
+    for i in range(2):
+        if vertex:
+            pools = {"workerpool0": hosts[:1], "workerpool1": hosts[1:]}
+            task = {"type": f"workerpool{min(i, 1)}", "index": 0}
+            env = {"CLUSTER_SPEC": json.dumps({"cluster": pools, "task": task})}
+        else:
+            task = {"type": "worker", "index": i}
+            env = {
+                "TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": task})
+            }
+        runs.append(Run(args, scratch, env=env))
+    return runs
+
+
+def wait_all(runs: list[Run], timeout: float = 240) -> list[int]:
+    return [run.wait(timeout) for run in runs]
+
+
+def final_arrays(url: str):
+    from trainer import checkpoint
+
+    return checkpoint.CheckpointManager(url, is_chief=False).restore()
+
+
+def test_sigterm_to_one_worker_stops_both_at_one_step_then_resume_is_bit_exact(
+    gcs_bucket, digits_dir, tmp_path
+):
+    bucket, scratch = Bucket(gcs_bucket), str(tmp_path)
+    url_a, pa = workdir_in(gcs_bucket, "a")
+    url_b, pb = workdir_in(gcs_bucket, "b")
+    ref = start_workers(digits_dir, url_a, scratch)
+    assert wait_all(ref) == [0, 0], ref[0].describe() + ref[1].describe()
+
+    runs = start_workers(digits_dir, url_b, scratch)
+    wait_for(lambda: (bucket.latest(pb) or 0) >= 4, runs[1])
+    runs[1].kill(signal.SIGTERM)  # The non-chief is preempted.
+    assert wait_all(runs, timeout=120) == [75, 75], runs[0].describe()
+    stops = [
+        int(run.stdout.split("saving a checkpoint at step ")[1].split()[0])
+        for run in runs
+    ]
+    assert stops[0] == stops[1] == bucket.latest(pb) < TOTAL_STEPS, stops
+    assert "another worker was told to stop" in runs[0].stdout
+    s = summary(bucket, pb)
+    assert s["status"] == "preempted" and s["global_step"] == stops[0]
+    # Only the chief claimed and wrote the workdir.
+    owner = json.loads(bucket.read(f"{pb}checkpoints/OWNER"))
+    assert owner["pid"] == runs[0].proc.pid, owner
+
+    again = start_workers(digits_dir, url_b, scratch)
+    assert wait_all(again) == [0, 0], again[0].describe() + again[1].describe()
+    assert f"resuming from step {stops[0]}" in again[1].stdout
+    sa, sb = summary(bucket, pa), summary(bucket, pb)
+    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
+    assert sa["history"] == sb["history"]
+    (arrays_a, _), (arrays_b, _) = final_arrays(url_a), final_arrays(url_b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for key in arrays_a:
+        assert np.array_equal(arrays_a[key], arrays_b[key]), f"{key} differs"
+
+
+def test_a_killed_worker_stops_the_other_and_the_rerun_resumes(
+    gcs_bucket, digits_dir, tmp_path
+):
+    bucket, scratch = Bucket(gcs_bucket), str(tmp_path)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    runs = start_workers(digits_dir, url, scratch)
+    wait_for(lambda: (bucket.latest(prefix) or 0) >= 4, runs[0])
+    durable = bucket.latest(prefix)
+    runs[1].kill(signal.SIGKILL)
+    killed = time.monotonic()
+    assert runs[0].wait(timeout=120) == 75, runs[0].describe()
+    assert time.monotonic() - killed < 60  # Not a hang in a collective.
+    assert "a worker of this run is gone (peers named: worker 1 (127.0.0.1:" in (
+        runs[0].stderr
+    ), runs[0].stderr[-2000:]
+    assert "Traceback" not in runs[0].stderr
+    assert bucket.latest(prefix) >= durable
+    runs[1].wait()
+
+    again = start_workers(digits_dir, url, scratch)
+    assert wait_all(again) == [0, 0], again[0].describe() + again[1].describe()
+    assert summary(bucket, prefix)["global_step"] == TOTAL_STEPS
+
+
+def test_vertex_cluster_spec_runs_two_workers(gcs_bucket, digits_dir, tmp_path):
+    bucket, scratch = Bucket(gcs_bucket), str(tmp_path)
+    url, prefix = workdir_in(gcs_bucket, "v")
+    runs = start_workers(
+        digits_dir,
+        url,
+        scratch,
+        vertex=True,
+        extra=[
+            "--set=phases.transfer.steps_per_epoch=2",
+            "--set=phases.finetune.steps_per_epoch=1",
+        ],
+    )
+    assert wait_all(runs) == [0, 0], runs[0].describe() + runs[1].describe()
+    assert all("multiworker x2" in run.stdout for run in runs)
+    owner = json.loads(bucket.read(f"{prefix}checkpoints/OWNER"))
+    assert owner["pid"] == runs[0].proc.pid  # workerpool0 is the chief.
+    assert summary(bucket, prefix)["status"] == "completed"
