@@ -95,22 +95,23 @@ def tf_config_from_cluster_spec(environ: dict[str, str] | None = None) -> str | 
     raw = env.get("CLUSTER_SPEC")
     if not raw or env.get("TF_CONFIG"):
         return None
+    roles = {"workerpool0": "chief", "workerpool1": "worker"}
     try:
         spec = json.loads(raw)
-        pools, task = spec["cluster"], spec["task"]
-        roles = {"workerpool0": "chief", "workerpool1": "worker"}
+        pools, task = dict(spec["cluster"]), spec["task"]
         extra = sorted(set(pools) - set(roles))
-        if extra:
-            raise SetupError(
-                f"CLUSTER_SPEC has worker pools {extra}: synchronous training "
-                "uses workerpool0 (the chief) and workerpool1 only; remove the others"
-            )
-        cluster = {roles[k]: v for k, v in pools.items() if v}
-        mine = {"type": roles[task["type"]], "index": int(task["index"])}
+        cluster = {roles[k]: v for k, v in pools.items() if v and k in roles}
+        mine = {"type": roles.get(task["type"]), "index": int(task["index"])}
     except (ValueError, KeyError, TypeError):
         raise SetupError(
             f"CLUSTER_SPEC is not Vertex AI's cluster description: {raw[:200]!r}"
         ) from None
+    if extra or mine["type"] is None:
+        raise SetupError(
+            f"CLUSTER_SPEC has worker pools {extra or [task['type']]}: synchronous "
+            "training uses workerpool0 (the chief) and workerpool1 only; remove "
+            "the others"
+        )
     return json.dumps({"cluster": cluster, "task": mine})
 
 
