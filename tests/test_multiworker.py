@@ -161,3 +161,61 @@ def test_vertex_cluster_spec_runs_two_workers(gcs_bucket, digits_dir, tmp_path):
     owner = json.loads(bucket.read(f"{prefix}checkpoints/OWNER"))
     assert owner["pid"] == runs[0].proc.pid  # workerpool0 is the chief.
     assert summary(bucket, prefix)["status"] == "completed"
+
+
+def _one_process(digits_dir, url, scratch, replicas: int) -> Run:
+    args = [
+        "train",
+        "--job=jobs/digits.toml",
+        f"--workdir={url}",
+        f"--set=data.train={digits_dir}/train-*.tfrecord",
+        f"--set=data.validation={digits_dir}/validation-00000-of-00007.tfrecord",
+        *(f"--set={s}" for s in SMALL),
+    ]
+    if replicas > 1:
+        args.append("--set=runtime.strategy=mirrored")
+    return Run(args, scratch, env={"TRAINER_CPU_DEVICES": str(replicas)})
+
+
+def test_resume_on_one_then_two_then_one_replica(gcs_bucket, digits_dir, tmp_path):
+    """Same global batch on other hardware: same positions, weights within float error."""
+    bucket, scratch = Bucket(gcs_bucket), str(tmp_path)
+    url_a, pa = workdir_in(gcs_bucket, "a")
+    url_b, pb = workdir_in(gcs_bucket, "b")
+    ref = _one_process(digits_dir, url_a, scratch, 1)
+    assert ref.wait() == 0, ref.describe()
+
+    stops = []
+    for replicas, at_least in ((1, 4), (2, 8)):
+        run = _one_process(digits_dir, url_b, scratch, replicas)
+        floor = max(stops or [0])
+        wait_for(
+            lambda f=floor, n=at_least: (bucket.latest(pb) or 0) >= max(n, f + 1), run
+        )
+        run.kill(signal.SIGTERM)
+        assert run.wait() == 75, run.describe()
+        stops.append(bucket.latest(pb))
+        if replicas == 2:
+            assert "mirrored x2" in run.stdout
+            assert f"resuming from step {stops[0]}" in run.stdout
+    last = _one_process(digits_dir, url_b, scratch, 1)
+    assert last.wait() == 0, last.describe()
+    assert f"resuming from step {stops[1]}" in last.stdout
+    assert stops[0] < stops[1] < TOTAL_STEPS
+
+    sa, sb = summary(bucket, pa), summary(bucket, pb)
+    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
+    assert [h["global_step"] for h in sa["history"]] == [
+        h["global_step"] for h in sb["history"]
+    ]
+    (arrays_a, _), (arrays_b, _) = final_arrays(url_a), final_arrays(url_b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    # Two replicas sum the gradients in another order: equal within float error.
+    worst = max(
+        float(np.max(np.abs(arrays_a[k].astype(np.float64) - arrays_b[k])))
+        for k in arrays_a
+        if arrays_a[k].dtype.kind == "f"
+    )
+    print(f"largest weight difference from the one-replica run: {worst:.3g}")
+    assert worst < 1e-3, worst
+    assert abs(sa["metrics"]["val_accuracy"] - sb["metrics"]["val_accuracy"]) < 0.02

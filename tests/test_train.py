@@ -302,3 +302,22 @@ def test_xla_recorded_on_one_replica_is_dropped_on_two(capsys):
     assert state.runtime["jit"]["finetune"] is False
     assert "phase 'finetune' continues without XLA" in capsys.readouterr().out
     assert loop._jit(spec.phases[0]) is False
+
+
+def test_a_changed_global_batch_is_refused_on_resume(digits, tmp_path, capsys):
+    """The position is counted in batches: another batch is exit 2, nothing moved."""
+    from trainer import config, storage
+
+    workdir = tmp_path / "run"
+    overrides = [a.removeprefix("--set=") for a in job_args(digits, "x")[2:]]
+    first = config.load(str(ROOT / "jobs" / "digits.toml"), overrides)
+    storage.write_json(str(workdir / "job.json"), first.to_dict())  # The first run's.
+    proc = run(
+        capsys,
+        "train",
+        *job_args(digits, str(workdir), "--set=train.global_batch_size=8"),
+    )
+    assert_bad_input(
+        proc, r"train.global_batch_size = 8 \(it was 16\).*keep 16.*new --workdir"
+    )
+    assert sorted(p.name for p in workdir.iterdir()) == ["job.json"]

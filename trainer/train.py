@@ -690,6 +690,15 @@ def _record_spec(spec, root, is_chief) -> None:
             f"cannot resume {root} with a different model shape ({lines}); "
             "use a new --workdir, or restore the original values"
         )
+    was, now = first.train.global_batch_size, spec.train.global_batch_size
+    if was != now:
+        raise SpecChangedError(
+            f"cannot resume {root} with train.global_batch_size = {now} (it was "
+            f"{was}): the run's position is counted in its batches, so another "
+            f"batch would train part of an epoch twice; keep {was} (it is split "
+            "over the replicas: a machine with fewer of them runs more per "
+            "replica), or use a new --workdir"
+        )
     for key, (a, b) in _diff(first.to_dict(), spec.to_dict()).items():
         log.warning("spec change on resume: %s: %r -> %r", key, a, b)
         print(f"note: spec changed since the first run: {key}: {a!r} -> {b!r}")
