@@ -100,7 +100,7 @@ def _dry_run(spec, rt, model, phase, n: int) -> dict[str, Any]:
         jit=jit,
     )
     try:
-        sums = steps.to_numpy(step_fn(iter(dataset), tf.constant(n)))
+        sums = steps.to_numpy(step_fn(iter(dataset), tf.constant(n), tf.constant(0)))
     except tf.errors.OpError as e:
         steps.explain_determinism(e, phase.name)
         input_pipeline.reraise_data_error(e)

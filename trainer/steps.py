@@ -49,15 +49,26 @@ def per_example(num_classes: int, labels, outputs):
     return loss, correct, pred
 
 
-def make_train_step(model, optimizer, strategy, *, num_classes, global_batch, jit):
+def make_train_step(
+    model, optimizer, strategy, *, num_classes, global_batch, jit, agree=True
+):
     """A `tf.function` running `n` steps (steps_per_execution) per call.
 
+    Every step also sums the caller's stop flag over all replicas of all
+    workers, as a fourth number in the all-reduce of the step's sums (so it
+    costs no extra collective): every worker learns whether any worker must
+    stop (SIGTERM, the GCE notice, its deadline), and all stop after the same
+    call instead of leaving the others waiting in a collective for a peer
+    that has gone.
+
     Returns:
-      `train_steps(iterator, n)` -> {"loss", "correct", "count"}: sums over the
-      `n` global batches.
+      `train_steps(iterator, n, flag)` -> {"loss", "correct", "count",
+      "stop"}: sums over the `n` global batches; "stop" > 0 when any
+      worker's flag was set (never, with `agree=False`: the flag is left out
+      of the all-reduce; benchmarks/scaling.py measures the difference).
     """
 
-    def replica_step(images, labels):
+    def replica_step(images, labels, flag):
         # Watch only what this phase trains. Keras' frozen layers keep their
         # tf.Variables "trainable" underneath, so a default tape would record
         # the whole backbone and put its backward pass into the graph (XLA then
@@ -74,11 +85,9 @@ def make_train_step(model, optimizer, strategy, *, num_classes, global_batch, ji
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         count = tf.cast(tf.shape(labels)[0], tf.float32)
-        return {
-            "loss": tf.reduce_sum(loss),
-            "correct": tf.reduce_sum(correct),
-            "count": count,
-        }
+        # One vector, so the sums and the flag cross the replicas in one all-reduce.
+        sums = [tf.reduce_sum(loss), tf.reduce_sum(correct), count]
+        return tf.stack(sums + ([tf.cast(flag, tf.float32)] if agree else []))
 
     replica_fn = tf.function(replica_step, jit_compile=jit) if jit else replica_step
 
@@ -86,15 +95,14 @@ def make_train_step(model, optimizer, strategy, *, num_classes, global_batch, ji
         return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 
     @tf.function
-    def train_steps(iterator, n):
-        loss = correct = count = tf.constant(0.0)
+    def train_steps(iterator, n, flag):
+        totals = tf.zeros([4 if agree else 3])
         for _ in tf.range(n):
             images, labels = next(iterator)
-            out = strategy.run(replica_fn, args=(images, labels))
-            loss += reduce(out["loss"])
-            correct += reduce(out["correct"])
-            count += reduce(out["count"])
-        return {"loss": loss, "correct": correct, "count": count}
+            totals += reduce(strategy.run(replica_fn, args=(images, labels, flag)))
+        names = ("loss", "correct", "count", "stop")[: 4 if agree else 3]
+        out = dict(zip(names, tf.unstack(totals), strict=True))
+        return {"stop": tf.constant(0.0), **out}
 
     return train_steps
 
@@ -147,24 +155,6 @@ def evaluate(eval_fn, spec, strategy, tally=None, pass_key=0) -> dict[str, Any]:
         "val_accuracy": float(total.get("correct", 0.0)) / count,
         "confusion": total.get("confusion"),
     }
-
-
-def make_agreement(strategy):
-    """A `tf.function` that tells every worker whether any worker must stop.
-
-    `agree(flag)` all-reduces one int32 (a sum: distribution strategies
-    reduce by SUM or MEAN only) over every replica of every worker: one scalar collective, called once per `steps_per_execution`
-    steps. A worker told to stop (SIGTERM, the GCE notice, its deadline) thus
-    stops at the same step as the others, instead of leaving them waiting
-    in a collective for a peer that has gone.
-    """
-
-    @tf.function
-    def agree(flag):
-        local = strategy.run(lambda: tf.identity(flag))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, local, axis=None)
-
-    return agree
 
 
 def explain_determinism(e: Exception, phase_name: str) -> None:

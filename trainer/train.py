@@ -227,7 +227,6 @@ class _Run:
     watcher: preemption.PreemptionWatcher
     logs: reports.Logs
     started: bool = False  # Whether this process ran a training step yet.
-    agree: Any = None  # steps.make_agreement's function, once several workers ask.
 
     @property
     def phase(self) -> config.PhaseConfig:
@@ -339,12 +338,13 @@ class _Run:
             if sums is None:  # The data ran out: the epoch ends here.
                 state.global_step += per_epoch - step
                 return
+            agreed = sums.pop("stop", 0) > 0
             step += n
             state.global_step += n
             steps.accumulate(state.train_sums, sums)
             bar.update(step, steps.train_metrics(state.train_sums).items())
             self._check_finite(sums["loss"])
-            self._stop_if_preempted(optimizer)
+            self._stop_if_preempted(optimizer, agreed=agreed)
             if itstime(state.global_step, every):
                 self._save(optimizer)
 
@@ -364,7 +364,10 @@ class _Run:
     def _run_steps(self, train_fn, iterator, n: int) -> dict[str, Any] | None:
         """`n` training steps' sums; None when the epoch's data ran out first."""
         try:
-            sums = steps.to_numpy(train_fn(iterator, tf.constant(n)))
+            # Several workers: what this one was told goes to all (see
+            # `_stop_if_preempted`).
+            flag = int(self.rt.workers > 1 and self.watcher.reason() is not None)
+            sums = steps.to_numpy(train_fn(iterator, tf.constant(n), tf.constant(flag)))
         except tf.errors.OutOfRangeError:
             if self.spec.data.on_corrupt != "skip":
                 raise
@@ -394,13 +397,16 @@ class _Run:
                 f"phases.{self.phase.name}.learning_rate"
             )
 
-    def _stop_if_preempted(self, optimizer) -> None:
+    def _stop_if_preempted(self, optimizer, *, agreed: bool) -> None:
+        """Saves and stops when this worker, or with several, any worker must.
+
+        Several workers stop only when they agreed to (the `stop` sum of the
+        last call): a worker told to stop passes its flag into the next call,
+        and all of them stop after that call, at one step.
+        """
         reason = self.watcher.reason()
-        if self.rt.workers > 1:  # Every worker stops, or none does.
-            if self.agree is None:
-                self.agree = steps.make_agreement(self.rt.strategy)
-            anyone = int(self.agree(tf.constant(1 if reason else 0, tf.int32)))
-            reason = reason or (anyone and "another worker was told to stop")
+        if self.rt.workers > 1:
+            reason = (reason or "another worker was told to stop") if agreed else None
         if reason:
             step = self.state.global_step
             print(f"\n{reason}: saving a checkpoint at step {step} and stopping")
