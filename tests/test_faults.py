@@ -67,6 +67,7 @@ def assert_one_line_error(run_or_proc, *patterns: str) -> str:
 # Lost responses on conditional writes are not a rival trainer
 
 
+@pytest.mark.slow  # Mostly the storage client's retry backoff, waiting.
 def test_conditional_writes_survive_lost_responses(through, gcs_bucket):
     through.rates = {"lost": 0.3}
     url = f"{gcs_bucket}/pointer"
@@ -80,6 +81,7 @@ def test_conditional_writes_survive_lost_responses(through, gcs_bucket):
     assert storage.read_generation(url) == (b"value 19\n", generation)
 
 
+@pytest.mark.slow  # Mostly the storage client's retry backoff, waiting.
 def test_a_rivals_write_is_still_refused(through, gcs_bucket):
     from tests import gcs_emulator
 

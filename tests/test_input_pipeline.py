@@ -339,6 +339,9 @@ def test_crc_mismatch(tmp_path):
         (_example(image=b"hello"), r"record 20 holds image bytes that are not JPEG"),
         (_example(label=10), r"record 20 has label 10 .* outside \[0, 10\)"),
     ],
+    # Serialized protos order their map fields differently in each process:
+    # stable ids let pytest-xdist's workers agree on the collected tests.
+    ids=["not_a_proto", "no_label", "not_an_image", "label_out_of_range"],
 )
 def test_bad_record_is_named(tmp_path, record, message):
     data = _bad_dir(tmp_path, bad_record=record)
