@@ -45,10 +45,8 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_workers(digits_dir, url, scratch, *, vertex=False, extra=()) -> list[Run]:
-    """Two workers of one run; worker 0 (or Vertex's workerpool0) is the chief."""
-    hosts = [f"127.0.0.1:{p}" for p in _free_ports(2)]
-    args = [
+def train_args(digits_dir, url, *extra: str) -> list[str]:
+    return [
         "train",
         "--job=jobs/digits.toml",
         f"--workdir={url}",
@@ -57,6 +55,12 @@ def start_workers(digits_dir, url, scratch, *, vertex=False, extra=()) -> list[R
         *(f"--set={s}" for s in SMALL),
         *extra,
     ]
+
+
+def start_workers(digits_dir, url, scratch, *, vertex=False, extra=()) -> list[Run]:
+    """Two workers of one run; worker 0 (or Vertex's workerpool0) is the chief."""
+    hosts = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    args = train_args(digits_dir, url, *extra)
     runs = []
     for i in range(2):
         if vertex:
@@ -169,14 +173,7 @@ def test_a_killed_worker_stops_the_other_and_the_rerun_resumes(
 
 
 def _one_process(digits_dir, url, scratch, replicas: int) -> Run:
-    args = [
-        "train",
-        "--job=jobs/digits.toml",
-        f"--workdir={url}",
-        f"--set=data.train={digits_dir}/train-*.tfrecord",
-        f"--set=data.validation={digits_dir}/validation-00000-of-00007.tfrecord",
-        *(f"--set={s}" for s in SMALL),
-    ]
+    args = train_args(digits_dir, url)
     if replicas > 1:
         args.append("--set=runtime.strategy=mirrored")
     return Run(args, scratch, env={"TRAINER_CPU_DEVICES": str(replicas)})
