@@ -35,3 +35,15 @@ def digits_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("digits"))
     convert.convert_sample_digits(out, shards=7)
     return out
+
+
+@pytest.fixture(scope="session")
+def reference(gcs_server, digits_dir, tmp_path_factory):
+    """One uninterrupted small run on the emulator (tests/test_resume.py's
+    `train_args`), shared by the tests that compare a disturbed run against it:
+    the same arguments give the same weights bit for bit. Those tests share
+    the xdist_group "reference" so one worker runs it once."""
+    from tests import test_resume
+
+    scratch = str(tmp_path_factory.mktemp("reference"))
+    return test_resume.reference_run(digits_dir, scratch)

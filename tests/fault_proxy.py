@@ -10,6 +10,11 @@ from a seeded random stream, it:
            connection: the request landed, the client never hears of it;
 - forbids: from `forbid_writes = True` on, answers 403 to every write.
 
+A test that needs a fault at a given request, not a rate, sets
+`script_writes`: the faults (or None) for the next writes, in order, used
+before `rates`. Random faults can come back to back, and the storage client
+backs off exponentially between retries: a scripted fault costs one retry.
+
 `counts` tallies the faults injected, by kind, and the requests seen.
 """
 
@@ -42,6 +47,7 @@ class FaultProxy(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
         self.forbid_writes = False
+        self.script_writes: list[str | None] = []
         self.url = f"http://127.0.0.1:{self.server_port}"
 
     def handle_error(self, request, client_address):
@@ -63,6 +69,10 @@ class FaultProxy(http.server.ThreadingHTTPServer):
             if self.forbid_writes and method in _WRITES:
                 self.counts["403"] += 1
                 return "403"
+            if self.script_writes and method in _WRITES:
+                kind = self.script_writes.pop(0)
+                self.counts[kind or "passed"] += 1
+                return kind
             draw = self.rng.random()
             for kind, rate in sorted(self.rates.items()):
                 if draw < rate:

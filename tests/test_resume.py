@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -189,6 +190,41 @@ def workdir_in(bucket_url: str, name: str) -> tuple[str, str]:
     return f"{bucket_url}/{name}", f"{name}/"
 
 
+def new_bucket() -> str:
+    """A fresh bucket on the session's emulator, for session fixtures."""
+    from tests import gcs_emulator
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    gcs_emulator.client().create_bucket(name)
+    return f"gs://{name}"
+
+
+def copy_workdir(source: Workdir, bucket_url: str, name: str) -> Workdir:
+    """A byte-for-byte copy of a workdir, as a user's `gcloud storage cp -r`."""
+    src, dst = Bucket(source.url), Bucket(bucket_url)
+    _, prefix = workdir_in(bucket_url, name)
+    for blob in src.client.list_blobs(src.name, prefix=source.prefix):
+        rest = blob.name[len(source.prefix) :]
+        src.bucket.copy_blob(blob, dst.bucket, prefix + rest)
+    return Workdir(bucket_url, name)
+
+
+class Workdir:
+    """A workdir inside an emulator bucket: its URL, object prefix and bucket."""
+
+    def __init__(self, bucket_url: str, name: str):
+        self.url, self.prefix = workdir_in(bucket_url, name)
+        self.bucket = Bucket(bucket_url)
+
+
+def reference_run(digits_dir: str, scratch: str) -> Workdir:
+    """One uninterrupted run of `train_args` (conftest's `reference` fixture)."""
+    ref = Workdir(new_bucket(), "reference")
+    run = run_to_end(train_args(digits_dir, ref.url), scratch)
+    assert run.proc.returncode == 0, run.describe()
+    return ref
+
+
 def summary(bucket: Bucket, prefix: str) -> dict:
     return json.loads(bucket.read(f"{prefix}summary.json"))
 
@@ -212,16 +248,43 @@ def load_export(bucket: Bucket, prefix: str, scratch: str):
 # 1. kill -9 at random moments, resume on a fresh machine: bit for bit
 
 
-def test_kill_9_and_resume_is_bit_exact(gcs_bucket, digits_dir, tmp_path):
-    from trainer import checkpoint, checkpoint_catalog, checkpoint_format
+def assert_same_run(a: Workdir, b: Workdir, scratch: str) -> None:
+    """Two completed runs ended in the same place: history (the resumed epochs'
+    partial metric sums too), exported weights, final checkpoint arrays (model,
+    BatchNorm statistics, seeds), all bit for bit."""
+    from trainer import checkpoint
+
+    sa, sb = summary(a.bucket, a.prefix), summary(b.bucket, b.prefix)
+    assert sa["status"] == sb["status"] == "completed"
+    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
+    assert sa["history"] == sb["history"]
+
+    ma = load_export(a.bucket, a.prefix, scratch)
+    mb = load_export(b.bucket, b.prefix, scratch)
+    assert len(ma.weights) == len(mb.weights) > 0
+    for wa, wb in zip(ma.weights, mb.weights, strict=True):
+        assert wa.path == wb.path
+        assert np.array_equal(np.asarray(wa), np.asarray(wb)), (
+            f"{wa.path} differs after resume"
+        )
+
+    arrays_a, state_a = checkpoint.CheckpointManager(a.url, is_chief=False).restore()
+    arrays_b, state_b = checkpoint.CheckpointManager(b.url, is_chief=False).restore()
+    assert state_a["global_step"] == state_b["global_step"] == TOTAL_STEPS
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for key in arrays_a:
+        assert np.array_equal(arrays_a[key], arrays_b[key]), (
+            f"{key} differs after resume"
+        )
+
+
+@pytest.mark.xdist_group("reference")
+def test_kill_9_and_resume_is_bit_exact(reference, gcs_bucket, digits_dir, tmp_path):
+    from trainer import checkpoint_catalog, checkpoint_format
 
     bucket = Bucket(gcs_bucket)
     scratch = str(tmp_path)
-    url_a, pa = workdir_in(gcs_bucket, "a")
     url_b, pb = workdir_in(gcs_bucket, "b")
-
-    ref = run_to_end(train_args(digits_dir, url_a), scratch)
-    assert ref.proc.returncode == 0, ref.describe()
 
     rng = random.Random(20261127)
     kills = []
@@ -268,36 +331,13 @@ def test_kill_9_and_resume_is_bit_exact(gcs_bucket, digits_dir, tmp_path):
         >= 2
     ), kills
 
-    sa, sb = summary(bucket, pa), summary(bucket, pb)
-    assert sa["status"] == sb["status"] == "completed"
-    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
-    # Metrics too: the resumed epochs' partial sums were restored exactly.
-    assert sa["history"] == sb["history"]
-
-    # The exported models, weight for weight.
-    ma, mb = load_export(bucket, pa, scratch), load_export(bucket, pb, scratch)
-    assert len(ma.weights) == len(mb.weights) > 0
-    for wa, wb in zip(ma.weights, mb.weights, strict=False):
-        assert wa.path == wb.path
-        assert np.array_equal(np.asarray(wa), np.asarray(wb)), (
-            f"{wa.path} differs after resume"
-        )
-
-    # The final checkpoints, array for array (model, BatchNorm statistics, seeds).
-    arrays_a, state_a = checkpoint.CheckpointManager(url_a, is_chief=False).restore()
-    arrays_b, state_b = checkpoint.CheckpointManager(url_b, is_chief=False).restore()
-    assert state_a["global_step"] == state_b["global_step"] == TOTAL_STEPS
-    assert sorted(arrays_a) == sorted(arrays_b)
-    for key in arrays_a:
-        assert np.array_equal(arrays_a[key], arrays_b[key]), (
-            f"{key} differs after resume"
-        )
+    assert_same_run(reference, Workdir(gcs_bucket, "b"), scratch)
 
     # Optimizer steps: the last checkpoint holding the finetune optimizer has
     # taken exactly as many steps as the uninterrupted run.
     last_mid = TOTAL_STEPS - 2  # finetune step 2 of 4
     folder = f"checkpoints/{checkpoint_catalog.checkpoint_name(last_mid)}"
-    ga, _ = checkpoint_format.read(f"{url_a}/{folder}")
+    ga, _ = checkpoint_format.read(f"{reference.url}/{folder}")
     gb, _ = checkpoint_format.read(f"{url_b}/{folder}")
     iterations = [k for k in ga if k == "optimizer/iteration"]
     assert iterations, sorted(k for k in ga if k.startswith("optimizer/"))[:10]
@@ -321,25 +361,49 @@ def _preempt_with_sigterm(bucket, prefix, args, scratch, *, min_latest=1):
     return run, code, time.monotonic() - sent
 
 
-def test_sigterm_saves_current_step_and_exits_75(gcs_bucket, digits_dir, tmp_path):
-    bucket = Bucket(gcs_bucket)
-    url, prefix = workdir_in(gcs_bucket, "w")
-    args = train_args(digits_dir, url)
-    run, code, seconds = _preempt_with_sigterm(bucket, prefix, args, str(tmp_path))
-    assert code == 75, run.describe()
-    assert seconds < 25, f"exit {seconds:.1f}s after SIGTERM; the budget is 25s"
+class Preempted(Workdir):
+    """A workdir left by a run stopped with SIGTERM, and how that run ended."""
+
+    run: Run
+    code: int
+    seconds: float  # From SIGTERM to exit.
+
+
+@pytest.fixture(scope="session")
+def preempted(gcs_server, digits_dir, tmp_path_factory) -> Preempted:
+    """One run stopped by SIGTERM past its 4th step. Each test resumes its own
+    byte-for-byte copy of the workdir (see `copy_workdir`)."""
+    left = Preempted(new_bucket(), "preempted")
+    scratch = str(tmp_path_factory.mktemp("preempted"))
+    args = train_args(digits_dir, left.url)
+    left.run, left.code, left.seconds = _preempt_with_sigterm(
+        left.bucket, left.prefix, args, scratch, min_latest=4
+    )
+    return left
+
+
+@pytest.mark.xdist_group("preempted")
+def test_sigterm_saves_current_step_and_exits_75(
+    preempted, gcs_bucket, digits_dir, tmp_path
+):
+    run = preempted.run
+    assert preempted.code == 75, run.describe()
+    assert preempted.seconds < 25, (
+        f"exit {preempted.seconds:.1f}s after SIGTERM; the budget is 25s"
+    )
     assert "SIGTERM" in run.output() and "run the same command again" in run.stderr
-    s = summary(bucket, prefix)
+    w = copy_workdir(preempted, gcs_bucket, "w")
+    s = summary(w.bucket, w.prefix)
     assert s["status"] == "preempted"
     assert 0 < s["global_step"] < TOTAL_STEPS
-    latest = bucket.latest(prefix)
+    latest = w.bucket.latest(w.prefix)
     assert latest == s["global_step"] == s["last_durable_step"]
-    assert state_of(bucket, prefix, latest)["global_step"] == s["global_step"]
+    assert state_of(w.bucket, w.prefix, latest)["global_step"] == s["global_step"]
 
-    again = run_to_end(args, str(tmp_path))
+    again = run_to_end(train_args(digits_dir, w.url), str(tmp_path))
     assert again.proc.returncode == 0, again.describe()
     assert f"resuming from step {latest}" in again.stdout
-    s = summary(bucket, prefix)
+    s = summary(w.bucket, w.prefix)
     assert s["status"] == "completed" and s["global_step"] == TOTAL_STEPS
 
 
@@ -395,16 +459,13 @@ def _state_not_json(bucket, folder: str) -> None:
         "state_not_json",
     ],
 )
+@pytest.mark.xdist_group("preempted")
 def test_bad_newest_checkpoint_falls_back(
-    gcs_bucket, digits_dir, tmp_path, damage, reported
+    preempted, gcs_bucket, digits_dir, tmp_path, damage, reported
 ):
-    bucket = Bucket(gcs_bucket)
-    url, prefix = workdir_in(gcs_bucket, "w")
-    args = train_args(digits_dir, url)
-    run, code, _ = _preempt_with_sigterm(
-        bucket, prefix, args, str(tmp_path), min_latest=4
-    )
-    assert code == 75, run.describe()
+    assert preempted.code == 75, preempted.run.describe()
+    w = copy_workdir(preempted, gcs_bucket, "w")
+    bucket, prefix, args = w.bucket, w.prefix, train_args(digits_dir, w.url)
     newest = bucket.latest(prefix)
     older = sorted(s for s in bucket.folders(prefix) if s < newest)
     assert older, (newest, bucket.folders(prefix))
