@@ -570,9 +570,12 @@ def test_resnet50_xla_kill_9_mid_finetune_is_bit_exact(digits_dir, tmp_path):
     args = [
         "--job=jobs/digits.toml",
         f"--set=data.train={digits_dir}/train-*.tfrecord",
-        f"--set=data.validation={digits_dir}/validation-*.tfrecord",
+        # One validation shard, and XLA only where the test looks (fine-tune):
+        # each of the three starts compiles it.
+        f"--set=data.validation={digits_dir}/validation-00000-of-00007.tfrecord",
         "--set=train.deterministic=true",
         "--set=train.global_batch_size=16",
+        "--set=phases.transfer.jit_compile=false",
         "--set=train.checkpoint_every_steps=2",
         "--set=phases.transfer.epochs=1",
         "--set=phases.transfer.steps_per_epoch=4",

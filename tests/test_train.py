@@ -200,6 +200,7 @@ def test_deterministic_xla_conflict_is_explained(digits, tmp_path, capsys):
             "--set=train.deterministic=true",
             "--set=phases.finetune.trainable_from=all",
             "--set=phases.finetune.jit_compile=true",
+            "--set=phases.transfer.jit_compile=false",  # Compile only what fails.
         ),
     )
     assert_bad_input(proc, r"set phases.finetune.jit_compile = false")
