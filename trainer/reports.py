@@ -30,7 +30,7 @@ def write_summary(root: str, summary: dict[str, Any]) -> None:
     storage.write_json(workdir.summary(root), summary)
 
 
-def print_final(summary: dict[str, Any], monitor: str, name: str, root: str) -> None:
+def print_final(summary: dict[str, Any], monitor: str, name: str) -> None:
     metrics = ", ".join(
         f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float)
     )

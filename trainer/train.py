@@ -465,7 +465,7 @@ class _Run:
                 self.state.confusion, self.spec.class_names(), self.root
             )
             reports.write_summary(self.root, summary)
-        reports.print_final(summary, self.spec.train.monitor, self.spec.name, self.root)
+        reports.print_final(summary, self.spec.train.monitor, self.spec.name)
         return summary
 
     def _summary(self, status: str, metrics: dict[str, Any]) -> dict[str, Any]:
