@@ -102,6 +102,12 @@ def test_binary_job_exports_best_weights_and_names_its_classes(photos):
     record = summary["export"]
     assert (record["step"], record["weights"]) == (best, "best")
     assert record["positive_class"] == "flower"
+    from trainer import config, export
+
+    run_spec = config.from_dict(json.loads((workdir / "job.json").read_text()))
+    assert export.choose_step(str(workdir), run_spec) == (best, "best")
+    last_spec = config.load(str(job), ["train.export=last"])
+    assert export.choose_step(str(workdir), last_spec) == (last, "last")
     # keep_checkpoints = 1 retains the best step besides the newest.
     kept = sorted(p.name for p in (workdir / "checkpoints").glob("ckpt-*"))
     assert kept == [f"ckpt-{best:09d}", f"ckpt-{last:09d}"]

@@ -82,7 +82,7 @@ def choose_step(
         return step, label
     if spec.train.export == "best" and best in committed:
         return best, "best"
-    if spec.train.export == "best":
+    if spec.train.export == "best" and best is not None:
         print(
             f"note: no checkpoint of a best step ({best}) is left; exporting the last"
         )
