@@ -128,6 +128,185 @@ def test_exported_model_loads_in_safe_mode(digits, trained, tmp_path):
     assert_bad_input(missing, r"image not found: .*none.png")
 
 
+def _sample_images() -> dict[str, bytes]:
+    """Real images at other sizes than the run's 32x32, as PNG and JPEG bytes."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits, load_sample_image
+
+    def encode(pixels: np.ndarray, fmt: str, **options) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format=fmt, **options)
+        return buf.getvalue()
+
+    digits = load_digits().images
+    rgb = [np.stack([d * 255 / 16] * 3, axis=-1).astype("uint8") for d in digits[:4]]
+    photo = load_sample_image("china.jpg")  # 427x640 RGB
+    return {
+        "digit-40x40.png": encode(np.kron(rgb[0], np.ones((5, 5, 1), "uint8")), "PNG"),
+        "digit-24x24.jpg": encode(np.kron(rgb[1], np.ones((3, 3, 1), "uint8")), "JPEG"),
+        "digit-32x32.png": encode(np.kron(rgb[2], np.ones((4, 4, 1), "uint8")), "PNG"),
+        "digit-56x16.jpg": encode(
+            np.kron(rgb[3], np.ones((7, 2, 1), "uint8")), "JPEG", quality=90
+        ),
+        "photo-427x640.jpg": encode(photo, "JPEG", quality=85),
+        "photo-100x150.png": encode(photo[::4, ::4][:100, :150].copy(), "PNG"),
+    }
+
+
+def _write_shard(path: pathlib.Path, images: list[bytes]) -> None:
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for data in images:
+            feature = {
+                "image/encoded": tf.train.Feature(
+                    bytes_list=tf.train.BytesList(value=[data])
+                ),
+                "image/class/label": tf.train.Feature(
+                    int64_list=tf.train.Int64List(value=[0])
+                ),
+            }
+            example = tf.train.Example(features=tf.train.Features(feature=feature))
+            writer.write(example.SerializeToString())
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trained")
+def test_serving_signature_matches_keras_on_png_and_jpeg(trained, tmp_path):
+    """The SavedModel on bytes = model.keras on the pixels training would see."""
+    import dataclasses
+
+    import keras
+    import tensorflow as tf
+
+    from trainer import config, input_pipeline
+
+    workdir, proc = trained
+    run_dir = pathlib.Path(workdir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = summary["best"]["global_step"]
+    assert f"exported the best weights, step {best}\n" in proc.stdout
+    record = json.loads((run_dir / "export" / "export.json").read_text())
+    assert record == summary["export"]
+    assert (record["step"], record["weights"], record["version"]) == (best, "best", 1)
+    version = run_dir / "export" / "saved_model" / "1"
+    assert (version / "saved_model.pb").exists()
+    # Each weight stored once (keras-team/keras#23553 stores them twice).
+    stored = sum(f.stat().st_size for f in (version / "variables").iterdir())
+    assert stored < 1.05 * (run_dir / "export" / "model.keras").stat().st_size
+
+    images = _sample_images()
+    serving = tf.saved_model.load(str(version)).signatures["serving_default"]
+    assert set(serving.structured_input_signature[1]) == {"image_bytes"}
+    out = serving(image_bytes=tf.constant(list(images.values())))
+    assert set(out) == {
+        "probabilities",
+        "class_index",
+        "class_name",
+        "class_probability",
+    }
+
+    # The reference: the pixels the validation pipeline decodes from a shard
+    # holding the same bytes, through the exported Keras model.
+    shard = tmp_path / "val-00000-of-00001.tfrecord"
+    _write_shard(shard, list(images.values()))
+    spec = config.from_dict(json.loads((run_dir / "job.json").read_text()))
+    spec = dataclasses.replace(
+        spec, data=dataclasses.replace(spec.data, validation=str(shard))
+    )
+    batches = list(input_pipeline.eval_dataset(spec))
+    pixels = np.concatenate([b[0].numpy() for b in batches])[: len(images)]
+    assert pixels.shape == (len(images), 32, 32, 3)
+    model = keras.saving.load_model(str(run_dir / "export" / "model.keras"))
+    expected = model.predict_on_batch(pixels.astype("float32"))
+
+    got = out["probabilities"].numpy()
+    diff = float(np.max(np.abs(got - expected)))
+    print(f"max |SavedModel - Keras| over {len(images)} images: {diff:.2e}")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    index = out["class_index"].numpy()
+    np.testing.assert_array_equal(index, expected.argmax(axis=1))
+    names = [n.decode() for n in out["class_name"].numpy()]
+    assert names == [spec.class_names()[i] for i in index]
+    np.testing.assert_allclose(
+        out["class_probability"].numpy(), expected.max(axis=1), atol=1e-5
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trained")
+def test_export_an_older_step_to_gcs_then_evaluate_and_predict(
+    trained, gcs_bucket, tmp_path
+):
+    """`trainer export --step` on a gs:// copy of a finished run: the weights of
+    that step (evaluate reproduces its validation accuracy), a new version that
+    `trainer predict` serves, and the steps named when one is not there."""
+    from trainer import export, storage
+
+    workdir, _ = trained
+    run_dir = pathlib.Path(workdir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    older = summary["history"][1]  # The end of transfer's second epoch.
+    steps = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("ckpt-*"))
+    assert older["global_step"] in steps and older["global_step"] != steps[-1]
+    remote = storage.join(gcs_bucket, "run")
+    for name in ("job.json", "summary.json", "checkpoints/LATEST"):
+        storage.put(str(run_dir / name), storage.join(remote, name))
+    for step in (older["global_step"], steps[-1]):
+        name = f"checkpoints/ckpt-{step:09d}"
+        storage.put(str(run_dir / name), storage.join(remote, name))
+
+    proc = trainer("export", f"--workdir={remote}", f"--step={older['global_step']}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        f"exported the weights of the step asked for, step {older['global_step']}"
+        in (proc.stdout)
+    )
+    assert f"serving: {remote}/export/saved_model/1 " in proc.stdout
+    record = storage.read_json(storage.join(remote, "export", "export.json"))
+    assert (record["step"], record["weights"]) == (older["global_step"], "step")
+
+    ev = trainer("evaluate", f"--workdir={remote}")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"accuracy {older['val_accuracy']:.4f}" in ev.stdout
+    metrics = storage.read_json(storage.join(remote, "eval", "metrics.json"))
+    assert metrics["accuracy"] == pytest.approx(older["val_accuracy"], abs=1e-9)
+    assert set(metrics["per_class"]) == {str(i) for i in range(10)}
+    matrix = storage.read_json(storage.join(remote, "eval", "confusion_matrix.json"))
+    assert np.asarray(matrix["matrix"]).sum() == metrics["count"] == 359
+    png = storage.read_bytes(storage.join(remote, "eval", "confusion_matrix.png"))
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+    # The default: train.export = "best", as the finished run recorded it.
+    proc = trainer("export", f"--workdir={remote}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = summary["best"]["global_step"]
+    assert f"exported the best weights, step {best}\n" in proc.stdout
+    assert export.versions(remote) == [1, 2]
+
+    # predict serves the newest SavedModel version: with model.keras gone too.
+    storage.rm(storage.join(remote, "export", "model.keras"))
+    image = tmp_path / "photo.png"
+    image.write_bytes(_sample_images()["photo-100x150.png"])
+    pred = trainer("predict", f"--workdir={remote}", str(image))
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    header, line = pred.stdout.strip().splitlines()[-2:]
+    assert header == "image\tclass\tprobability of the class"
+    url, name, prob = line.split("\t")
+    assert url == str(image) and name in [str(i) for i in range(10)]
+    assert 0.0 < float(prob) <= 1.0
+
+    missing = trainer("export", f"--workdir={remote}", "--step=7")
+    available = ", ".join(map(str, sorted({older["global_step"], steps[-1]})))
+    assert_bad_input(
+        missing,
+        rf"--step=7: .*/run/checkpoints holds no committed checkpoint at step 7; "
+        rf"available steps: {available} \(best {best}, last {steps[-1]}\)",
+    )
+
+
 def test_check_leaves_no_checkpoint(digits, tmp_path, capsys):
     workdir = tmp_path / "run"
     proc = run(capsys, "check", *job_args(digits, str(workdir)))

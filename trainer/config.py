@@ -80,6 +80,9 @@ class TrainConfig:
     # Best checkpoint / early stopping track this validation metric.
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     early_stopping_patience: int = 0  # epochs without improvement; 0 = off
+    # Which weights the run exports on completion: the best checkpoint's (by
+    # `monitor`, the step the final line reports) or the final step's.
+    export: Literal["best", "last"] = "best"
     preemption_budget_seconds: float = 25.0
     # GCE metadata endpoint polled for spot preemption; "" = off, "auto" = on GCE.
     preemption_metadata_url: str = "auto"

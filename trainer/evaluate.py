@@ -14,27 +14,48 @@ tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import config, models, steps, storage, workdir  # noqa: E402,F401  (models registers layers)
+from trainer import (  # noqa: E402,F401  (models registers the preprocessing layer)
+    config,
+    export,
+    input_pipeline,
+    models,
+    reports,
+    steps,
+    storage,
+    workdir,
+)
 from trainer.errors import DataError, NotFound  # noqa: E402
 
 
-def load_run(root: str) -> tuple[config.JobSpec, keras.Model]:
-    """The job spec and exported model of a completed run.
+def load_spec(root: str) -> config.JobSpec:
+    """The job spec of the run in `root`, with its class names resolved.
 
     Raises:
-      NotFound: naming what is missing and the remedy.
+      NotFound: `root` holds no run.
     """
-    job_url, model_url = workdir.job(root), workdir.model(root)
+    job_url = workdir.job(root)
     if not storage.exists(job_url):
         raise NotFound(
             f"{job_url} not found: is {root} the --workdir of a `trainer train` run?"
         )
+    # Runs from before job.json recorded the manifest's names find them now.
+    return input_pipeline.with_class_names(config.from_dict(storage.read_json(job_url)))
+
+
+def load_run(root: str) -> tuple[config.JobSpec, keras.Model]:
+    """The job spec and exported Keras model of a completed run.
+
+    Raises:
+      NotFound: naming what is missing and the remedy.
+    """
+    spec = load_spec(root)
+    model_url = workdir.model(root)
     if not storage.exists(model_url):
         raise NotFound(
             f"{model_url} not found: the run has not completed; run the same "
-            "`trainer train` command again to finish it"
+            "`trainer train` command again to finish it, or `trainer export "
+            f"--workdir={root}` to export its newest checkpoint"
         )
-    spec = config.from_dict(storage.read_json(job_url))
     with tempfile.TemporaryDirectory(prefix="trainer-model-") as tmp:
         path = os.path.join(tmp, "model.keras")
         storage.get(model_url, path)
@@ -43,7 +64,8 @@ def load_run(root: str) -> tuple[config.JobSpec, keras.Model]:
 
 
 def evaluate(root: str, data: str | None = None) -> dict[str, Any]:
-    """Accuracy, loss and the confusion matrix of the exported model on `data`."""
+    """Accuracy, loss, per-class precision/recall and the confusion matrix of
+    the exported model on `data`, printed and written under `{workdir}/eval/`."""
     spec, model = load_run(root)
     if data:
         spec = dataclasses.replace(
@@ -58,38 +80,145 @@ def evaluate(root: str, data: str | None = None) -> dict[str, Any]:
     if val["confusion"] is not None:  # None: no validation records at all.
         confusion += np.rint(val["confusion"]).astype(np.int64)
     total = int(confusion.sum())
-    accuracy = float(np.trace(confusion)) / max(total, 1)
     names = spec.class_names()
-    print(f"{total} images from {spec.data.validation}: accuracy {accuracy:.4f}")
+    result = {
+        "data": spec.data.validation,
+        "model": workdir.model(root),
+        "count": total,
+        "accuracy": float(np.trace(confusion)) / max(total, 1),
+        "loss": float(val["val_loss"]) if total else None,
+        "per_class": per_class(confusion, names),
+        "class_names": names,
+        "confusion": confusion.tolist(),
+    }
+    print(
+        f"{total} images from {spec.data.validation}: accuracy {result['accuracy']:.4f}"
+    )
+    print(format_per_class(result["per_class"]))
     print("confusion matrix (rows: true, columns: predicted):")
-    width = max(len(n) for n in names) + 1
-    print(" " * width + "".join(f"{n:>{width}}" for n in names))
-    for name, row in zip(names, confusion, strict=False):
-        print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
-    return {"accuracy": accuracy, "count": total, "confusion": confusion.tolist()}
+    print(format_confusion(confusion, names))
+    _write_evaluation(root, result)
+    print(f"evaluation: {workdir.evaluation(root, '')}")
+    return result
+
+
+def per_class(confusion: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Precision, recall and support per class (None where undefined: 0/0)."""
+    out = {}
+    for i, name in enumerate(names):
+        predicted, actual = int(confusion[:, i].sum()), int(confusion[i].sum())
+        hit = int(confusion[i, i])
+        out[name] = {
+            "precision": hit / predicted if predicted else None,
+            "recall": hit / actual if actual else None,
+            "support": actual,
+        }
+    return out
+
+
+def format_per_class(rows: dict[str, dict[str, Any]]) -> str:
+    width = max(len("class"), *(len(n) for n in rows))
+
+    def cell(v) -> str:
+        return f"{v:>9.4f}" if v is not None else f"{'-':>9}"
+
+    lines = [f"{'class':>{width}} precision    recall  support"]
+    for name, r in rows.items():
+        lines.append(
+            f"{name:>{width}} {cell(r['precision'])} {cell(r['recall'])} "
+            f"{r['support']:>8}"
+        )
+    return "\n".join(lines)
+
+
+def format_confusion(confusion: np.ndarray, names: list[str]) -> str:
+    """The matrix as text, every column as wide as its widest name or count."""
+    label = max(len(n) for n in names)
+    width = max(label, len(str(int(confusion.max(initial=0))))) + 1
+    lines = [" " * label + "".join(f"{n:>{width}}" for n in names)]
+    for name, row in zip(names, confusion, strict=True):
+        lines.append(f"{name:>{label}}" + "".join(f"{int(v):>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def _write_evaluation(root: str, result: dict[str, Any]) -> None:
+    """`{workdir}/eval/`: metrics.json, confusion_matrix.json and .png."""
+    storage.write_json(
+        workdir.evaluation(root, "metrics.json"),
+        {k: v for k, v in result.items() if k != "confusion"},
+    )
+    storage.write_json(
+        workdir.evaluation(root, "confusion_matrix.json"),
+        {
+            "rows": "true class",
+            "columns": "predicted class",
+            "class_names": result["class_names"],
+            "matrix": result["confusion"],
+        },
+    )
+    reports.plot_confusion(
+        result["confusion"],
+        result["class_names"],
+        root,
+        url=workdir.evaluation(root, "confusion_matrix.png"),
+        title=storage.basename(result["data"]),
+    )
 
 
 def predict(root: str, urls: list[str]) -> list[dict[str, Any]]:
-    """Top class and probability for each image file or URL."""
-    spec, model = load_run(root)
-    names = spec.class_names()
-    size = spec.data.image_size
+    """Top class and its probability for each image file or URL.
+
+    Uses the exported SavedModel (the serving signature, bytes in); a run
+    exported before it existed has only model.keras, used the same way.
+    """
+    spec = load_spec(root)
+    serving = export.load_serving(root)
+    keras_model = None if serving is not None else load_run(root)[1]
+    names, binary = spec.class_names(), spec.data.num_classes == 1
+    header = "image\tclass\tprobability of the class"
+    print(header + (f"\tprobability of {names[1]!r}" if binary else ""))
     results = []
     for url in urls:
-        if not storage.exists(url):
-            raise NotFound(f"image not found: {url}")
+        data = _read_image(url)
         try:
-            image = tf.io.decode_image(
-                storage.read_bytes(url), channels=3, expand_animations=False
-            )
+            if serving is not None:
+                signature = serving.signatures[export.SIGNATURE]
+                out = signature(**{export.INPUT: tf.constant([data])})
+                probs = out["probabilities"].numpy()
+            else:
+                pixels = input_pipeline.decode_for_model(data, spec.data.image_size)
+                probs = keras_model.predict_on_batch(tf.cast(pixels, tf.float32)[None])
         except tf.errors.InvalidArgumentError:
             raise DataError(f"{url} is not a JPEG, PNG, GIF or BMP image") from None
-        image = tf.image.resize(tf.cast(image, tf.float32), (size, size))
-        probs = model.predict_on_batch(image[None])
-        cls = int(steps.classes(probs, spec.data.num_classes)[0])
-        p = float(probs[0][0] if spec.data.num_classes == 1 else probs[0][cls])
-        if spec.data.num_classes == 1 and not cls:  # Sigmoid: P(class 1).
-            p = 1.0 - p
-        results.append({"url": url, "class": cls, "name": names[cls], "probability": p})
-        print(f"{url}\t{names[cls]}\t{p:.4f}")
+        results.append(_result(url, np.asarray(probs[0], np.float64), names, binary))
+        line = f"{url}\t{results[-1]['name']}\t{results[-1]['probability']:.4f}"
+        print(line + (f"\t{results[-1]['positive']:.4f}" if binary else ""))
     return results
+
+
+def _read_image(url: str) -> bytes:
+    if not storage.exists(url):
+        raise NotFound(f"image not found: {url}")
+    return storage.read_bytes(url)
+
+
+def _result(url: str, probs: np.ndarray, names: list[str], binary: bool) -> dict:
+    """One image's prediction; a binary job's output is P(names[1])."""
+    if binary:
+        positive = float(probs[0])
+        cls = int(positive > 0.5)  # The rule of steps.classes.
+        p = positive if cls else 1.0 - positive
+        return {
+            "url": url,
+            "class": cls,
+            "name": names[cls],
+            "probability": p,
+            "positive": positive,
+        }
+    cls = int(np.argmax(probs))
+    return {
+        "url": url,
+        "class": cls,
+        "name": names[cls],
+        "probability": float(probs[cls]),
+    }

@@ -254,6 +254,39 @@ def _manifest_counts(folder: str) -> dict[str, int]:
     return out
 
 
+def with_class_names(spec):
+    """`spec` with `data.class_names` from the shards' manifest when it has none.
+
+    `trainer convert` writes the class (folder) names into `manifest.json`
+    next to the shards. Without that manifest (shards from elsewhere, or gone
+    since the run), or when its class count does not fit `data.num_classes`,
+    the spec stays as it is and the classes are shown by index.
+    """
+    if spec.data.class_names:
+        return spec
+    try:
+        folder = storage.dirname(list_shards(spec.data.train)[0])
+        manifest = storage.read_json(storage.join(folder, tfrecord.MANIFEST))
+    except (OSError, ValueError) as e:  # NotFound and StorageError among them.
+        logging.info("no class names from a manifest for %s: %s", spec.data.train, e)
+        return spec
+    names = manifest.get("class_names") if isinstance(manifest, dict) else None
+    expected = max(spec.data.num_classes, 2)
+    if not names or len(names) != expected:
+        if names:
+            logging.warning(
+                "%s lists %d class names; data.num_classes = %d needs %d: "
+                "showing classes by index",
+                storage.join(folder, tfrecord.MANIFEST),
+                len(names),
+                spec.data.num_classes,
+                expected,
+            )
+        return spec
+    data = dataclasses.replace(spec.data, class_names=tuple(map(str, names)))
+    return dataclasses.replace(spec, data=data)
+
+
 def _local_cache_url(folder: str) -> str:
     digest = hashlib.sha1(folder.encode()).hexdigest()[:16]
     root = os.path.join(os.path.expanduser("~"), ".cache", "trainer", "record-counts")
@@ -775,6 +808,17 @@ def _resize(image, size: int):
     )
 
 
+def decode_for_model(image_bytes, size: int):
+    """One image's encoded bytes to the (size, size, 3) uint8 pixels training sees.
+
+    The unaugmented path of `_decode_fn` (validation, and every phase without
+    augmentation); the serving export and `trainer predict` use it too, so a
+    served image is resized exactly as the training images were.
+    """
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    return tf.ensure_shape(_resize(image, size), [size, size, 3])
+
+
 def _decode_fn(spec, *, epoch: int | None):
     """Decode, resize and (when `epoch` is given) augment one record."""
     size = spec.data.image_size
@@ -784,18 +828,17 @@ def _decode_fn(spec, *, epoch: int | None):
         base = (spec.train.seed * 1_000_003 + epoch) % (2**62)
 
     def decode(image_bytes, label, rid):
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
         if mode == "none":
-            image = _resize(image, size)
+            return decode_for_model(image_bytes, size), label
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        seed = tf.stack([tf.constant(base, tf.int64), rid])
+        seeds = tf.random.experimental.stateless_split(seed, num=2)
+        if mode in ("crop", "flip_crop"):
+            image = _random_crop(image, size, seeds[0])
         else:
-            seed = tf.stack([tf.constant(base, tf.int64), rid])
-            seeds = tf.random.experimental.stateless_split(seed, num=2)
-            if mode in ("crop", "flip_crop"):
-                image = _random_crop(image, size, seeds[0])
-            else:
-                image = _resize(image, size)
-            if mode in ("flip", "flip_crop"):
-                image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+            image = _resize(image, size)
+        if mode in ("flip", "flip_crop"):
+            image = tf.image.stateless_random_flip_left_right(image, seeds[1])
         return tf.ensure_shape(image, [size, size, 3]), label
 
     return decode

@@ -28,6 +28,7 @@ USAGE = {
     "convert": "(--images=DIR | --sample=digits) --out=URL [--shards=N] [--validation_fraction=F]",
     "evaluate": "--workdir=URL [--data=GLOB]",
     "predict": "--workdir=URL FILE_OR_URL ...",
+    "export": "--workdir=URL [--step=N]   (model.keras + a TF Serving SavedModel)",
     "submit": "--target=vertex|gce|kaggle|colab --job=JOB.toml --workdir=gs://... [--dry_run]",
 }
 COMMANDS = tuple(USAGE)
@@ -62,6 +63,11 @@ FLAGS_OF = {
          "`evaluate`: TFRecord URL glob (default: the job's validation data)."),
     ],
     "predict": [_WORKDIR],
+    "export": [
+        _WORKDIR,
+        ("integer", "step", None,
+         "`export`: the checkpoint step to export (default: train.export's choice, the best step unless the spec says last)."),
+    ],
     # Every `submit.FLAG_OPTIONS` name has a flag here (a test checks it);
     # those left unset keep `submit.Options`' defaults.
     "submit": [
@@ -246,6 +252,12 @@ def _predict(flag_values: flags.FlagValues, args: list[str]) -> None:
     evaluate.predict(_workdir(flag_values), args)
 
 
+def _export(flag_values: flags.FlagValues, args: list[str]) -> None:
+    from trainer import export
+
+    export.run_export(_workdir(flag_values), step=flag_values.step)
+
+
 def _submit(flag_values: flags.FlagValues, args: list[str]) -> None:
     from trainer import submit
 
@@ -272,6 +284,7 @@ RUN = {
     "convert": _convert,
     "evaluate": _evaluate,
     "predict": _predict,
+    "export": _export,
     "submit": _submit,
 }
 

@@ -30,7 +30,7 @@ def write_summary(root: str, summary: dict[str, Any]) -> None:
     storage.write_json(workdir.summary(root), summary)
 
 
-def print_final(summary: dict[str, Any], monitor: str, name: str, root: str) -> None:
+def print_final(summary: dict[str, Any], monitor: str, name: str) -> None:
     metrics = ", ".join(
         f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float)
     )
@@ -38,9 +38,23 @@ def print_final(summary: dict[str, Any], monitor: str, name: str, root: str) -> 
     note = ""
     if best.get(monitor) is not None:
         note = f" (best {monitor} {best[monitor]:.4f} at step {best['global_step']})"
-    print(
-        f"completed {name} at step {summary['global_step']}: {metrics}{note}\n"
-        f"model: {workdir.model(root)}"
+    print(f"completed {name} at step {summary['global_step']}: {metrics}{note}")
+    if summary.get("export"):  # Only the chief exports.
+        print(describe_export(summary["export"]))
+
+
+def describe_export(record: dict[str, Any]) -> str:
+    """Which weights an export holds (export.json's record) and where it went."""
+    what = {
+        "best": "the best weights",
+        "last": "the last weights",
+        "step": "the weights of the step asked for",
+    }[record["weights"]]
+    return (
+        f"exported {what}, step {record['step']}\n"
+        f"model: {record['model']}\n"
+        f"serving: {record['saved_model']} (TF Serving version {record['version']}, "
+        "signature 'serving_default', input 'image_bytes')"
     )
 
 
@@ -101,8 +115,16 @@ def _pyplot():
     return plt
 
 
-def plot_confusion(confusion: list[list[float]], names: list[str], root: str) -> None:
-    """The last validation's confusion matrix (rows: true class) as PNG."""
+def plot_confusion(
+    confusion: list[list[float]],
+    names: list[str],
+    root: str,
+    *,
+    url: str | None = None,
+    title: str = "validation",
+) -> None:
+    """A confusion matrix (rows: true class) as PNG, by default the run's last
+    validation's at `{workdir}/plots/confusion_matrix.png`."""
     if not confusion:
         return
     plt = _pyplot()
@@ -121,8 +143,8 @@ def plot_confusion(confusion: list[list[float]], names: list[str], root: str) ->
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
-    ax.set_title(f"validation, accuracy {accuracy:.3f}")
-    _save_png(plt, fig, workdir.plot(root, "confusion_matrix.png"))
+    ax.set_title(f"{title}, accuracy {accuracy:.3f}")
+    _save_png(plt, fig, url or workdir.plot(root, "confusion_matrix.png"))
 
 
 def plot_history(history: list[dict[str, Any]], root: str) -> None:

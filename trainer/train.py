@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from trainer import (  # noqa: E402
     checkpoint,
     config,
+    export,
     input_pipeline,
     models,
     preemption,
@@ -119,6 +120,9 @@ def run(
         checkpoint; running again resumes.
     """
     done = reports.completed_summary(workdir)
+    # Class names from the shards' manifest (trainer convert's folder names),
+    # recorded in job.json with the spec, when the spec names none.
+    spec = input_pipeline.with_class_names(spec)
     if done is not None:
         print(
             f"{workdir} already completed at step {done['global_step']}: "
@@ -450,13 +454,18 @@ class _Run:
         last = self.state.history[-1] if self.state.history else {}
         summary = self._summary("completed", last)
         if self.rt.is_chief:
-            reports.export(self.model, self.root)
+            # From a committed checkpoint, the best or the last (train.export),
+            # as `trainer export` would: the in-memory weights are the last ones.
+            step, weights = export.choose_step(
+                self.root, self.spec, best=self.state.best_step
+            )
+            summary["export"] = export.export_step(self.root, self.spec, step, weights)
             reports.plot_history(self.state.history, self.root)
             reports.plot_confusion(
                 self.state.confusion, self.spec.class_names(), self.root
             )
             reports.write_summary(self.root, summary)
-        reports.print_final(summary, self.spec.train.monitor, self.spec.name, self.root)
+        reports.print_final(summary, self.spec.train.monitor, self.spec.name)
         return summary
 
     def _summary(self, status: str, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,286 @@
+"""What a run hands to users and servers: `model.keras` and a TF Serving SavedModel.
+
+Both are written from one committed checkpoint's weights, loaded into a fresh
+float32 model, so the export a training run writes on completion and the one
+`trainer export --step=N` writes later are the same function of the same
+checkpoint. The SavedModel's `serving_default` signature takes encoded image
+bytes (`image_bytes`: the `_bytes` suffix is what Vertex AI's and TF Serving's
+JSON `{"b64": ...}` convention keys on) and decodes and resizes them with the
+training pipeline's own function, `input_pipeline.decode_for_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import tempfile
+from typing import Any
+
+from trainer import backend
+
+tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+
+import keras  # noqa: E402
+
+from trainer import (  # noqa: E402
+    checkpoint_catalog,
+    checkpoint_format,
+    config,
+    input_pipeline,
+    models,
+    reports,
+    steps,
+    storage,
+    workdir,
+)
+from trainer.errors import CheckpointError, NotFound  # noqa: E402
+
+SIGNATURE = "serving_default"
+INPUT = "image_bytes"
+
+
+def choose_step(
+    root: str, spec: config.JobSpec, step: int | None = None, best: int | None = None
+) -> tuple[int, str]:
+    """The committed checkpoint step to export, and which weights it holds.
+
+    Args:
+      root: the workdir.
+      spec: the run's spec; `train.export` picks best or last when `step` is None.
+      step: an explicit step (`trainer export --step=N`).
+      best: the best step when the caller knows it (the training loop);
+        otherwise read from summary.json or the newest checkpoint's state.
+
+    Returns:
+      (step, "best" | "last" | "step N"): "step N" for an explicit step that
+      is neither the best nor the last.
+
+    Raises:
+      NotFound: nothing was ever committed.
+      CheckpointError: `step` is not a committed checkpoint; names those that are.
+    """
+    directory = workdir.checkpoints(root)
+    latest = checkpoint_catalog.latest_step(directory)
+    if latest is None:
+        raise NotFound(
+            f"{directory} holds no committed checkpoint: run `trainer train` with "
+            f"--workdir={root} first"
+        )
+    committed = [s for s in checkpoint_catalog.folder_steps(directory) if s <= latest]
+    if best is None:
+        best = _best_step(root, directory, latest)
+    if step is not None:
+        if step not in committed:
+            raise CheckpointError(
+                f"--step={step}: {directory} holds no committed checkpoint at step "
+                f"{step}; available steps: {', '.join(map(str, committed))} "
+                f"(best {best}, last {latest}); pass one of them, or leave --step "
+                f'out for train.export = "{spec.train.export}"'
+            )
+        label = "best" if step == best else "last" if step == latest else "step"
+        return step, label
+    if spec.train.export == "best" and best in committed:
+        return best, "best"
+    if spec.train.export == "best" and best is not None:
+        print(
+            f"note: no checkpoint of a best step ({best}) is left; exporting the last"
+        )
+    return latest, "last"
+
+
+def _best_step(root: str, directory: str, latest: int) -> int | None:
+    """The best step as the run knows it: summary.json's, else the newest state's."""
+    summary_url = workdir.summary(root)
+    if storage.exists(summary_url):
+        summary = storage.read_json(summary_url)
+        if summary.get("global_step", -1) >= latest:
+            return summary.get("best", {}).get("global_step")
+    folder = storage.join(directory, checkpoint_catalog.checkpoint_name(latest))
+    try:
+        return storage.read_json(storage.join(folder, checkpoint_format.STATE)).get(
+            "best_step"
+        )
+    except (OSError, ValueError):
+        return None  # Read again, verified, when that checkpoint is exported.
+
+
+def export_step(
+    root: str, spec: config.JobSpec, step: int, weights: str
+) -> dict[str, Any]:
+    """Writes model.keras and the next SavedModel version from checkpoint `step`.
+
+    Args:
+      root: the workdir.
+      spec: the run's spec, with its class names resolved.
+      step: a committed checkpoint step (see `choose_step`).
+      weights: what the step is ("best", "last", "step"), for the record.
+
+    Returns:
+      The record also written to `{workdir}/export/export.json`.
+
+    Raises:
+      CheckpointError: the checkpoint is damaged or does not fit the spec.
+    """
+    folder = storage.join(
+        workdir.checkpoints(root), checkpoint_catalog.checkpoint_name(step)
+    )
+    arrays, _ = checkpoint_format.read(folder)
+    model = _float32_model(spec)
+    models.assign_variables(
+        model, None, {k: v for k, v in arrays.items() if k.startswith("model/")}
+    )
+    reports.export(model, root)
+    version, url = _write_saved_model(_serving_archive(model, spec), root)
+    record = {
+        "step": step,
+        "weights": weights,
+        "checkpoint": folder,
+        "model": workdir.model(root),
+        "saved_model": url,
+        "version": version,
+        "class_names": spec.class_names(),
+        "positive_class": spec.class_names()[1] if spec.data.num_classes == 1 else None,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+    }
+    storage.write_json(workdir.export_record(root), record)
+    return record
+
+
+def _float32_model(spec: config.JobSpec) -> keras.Model:
+    """The spec's model in float32, without pretrained weights (a checkpoint's follow).
+
+    float32 whatever the training's precision: the serving containers run on
+    CPUs too, where float16 is slow and loses precision for nothing.
+    """
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        bare = dataclasses.replace(spec.model, weights="none")
+        return models.build_model(dataclasses.replace(spec, model=bare))
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def serving_function(model: keras.Model, spec: config.JobSpec):
+    """Encoded JPEG/PNG/GIF/BMP bytes of any size -> probabilities, class, name.
+
+    Returns:
+      fn(image_bytes: string [batch]) -> {"probabilities": the model's output
+      (softmax [batch, N]; for a binary job [batch, 1], the probability of the
+      positive class, class_names[1]), "class_index": int32 [batch],
+      "class_name": string [batch], "class_probability": float32 [batch], the
+      probability of the class returned}.
+    """
+    size, n = spec.data.image_size, spec.data.num_classes
+    names = tf.constant(spec.class_names())
+    pixels_spec = tf.TensorSpec([size, size, 3], tf.uint8)
+
+    def serve(image_bytes):
+        pixels = tf.map_fn(
+            lambda b: input_pipeline.decode_for_model(b, size),
+            image_bytes,
+            fn_output_signature=pixels_spec,
+        )
+        probabilities = model(tf.cast(pixels, tf.float32), training=False)
+        index = steps.classes(probabilities, n)
+        if n == 1:
+            positive = tf.reshape(probabilities, [-1])
+            chosen = tf.where(index == 1, positive, 1.0 - positive)
+        else:
+            chosen = tf.gather(probabilities, index, batch_dims=1)
+        return {
+            "probabilities": probabilities,
+            "class_index": index,
+            "class_name": tf.gather(names, index),
+            "class_probability": chosen,
+        }
+
+    return serve
+
+
+def _serving_archive(model: keras.Model, spec: config.JobSpec):
+    archive = keras.export.ExportArchive()
+    # No `archive.track(model)`, the documented pattern: with it Keras 3 saves
+    # every weight twice, as the Keras variables and as the tf.Variables the
+    # endpoint captures (keras-team/keras#23553, open; 190 MB instead of 95
+    # for ResNet50 here). The endpoint's captured variables are all it needs.
+    archive.add_endpoint(
+        name=SIGNATURE,
+        fn=serving_function(model, spec),
+        input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)],
+    )
+    return archive
+
+
+def versions(root: str) -> list[int]:
+    """The SavedModel version numbers under `export/saved_model/`, ascending."""
+    names = storage.listdir(workdir.saved_models(root))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def _write_saved_model(archive, root: str) -> tuple[int, str]:
+    """Writes the archive as the next version folder; (version, its URL).
+
+    A new version each time, as TF Serving expects: a server watching the base
+    folder moves to the newest version, and the previous one stays whole.
+    """
+    version = max(versions(root), default=0) + 1
+    url = workdir.saved_model(root, version)
+    with tempfile.TemporaryDirectory(prefix="trainer-saved-model-") as tmp:
+        # Written locally, then copied through storage.py: TF writes only to
+        # local disk and gs:// itself, and a workdir is any fsspec URL.
+        archive.write_out(tmp, verbose=False)
+        files = [
+            os.path.relpath(os.path.join(d, f), tmp).replace(os.sep, "/")
+            for d, _, names in os.walk(tmp)
+            for f in names
+        ]
+        # saved_model.pb last: a server loads a version once that file is there,
+        # so the variables it points to must be complete before it.
+        for rel in sorted(files, key=lambda r: (r == "saved_model.pb", r)):
+            storage.put(os.path.join(tmp, rel), storage.join(url, rel))
+    return version, url
+
+
+def load_serving(root: str):
+    """The newest exported SavedModel, loaded; None when the run has none.
+
+    Runs exported before the SavedModel existed have `model.keras` only.
+    """
+    found = versions(root)
+    if not found:
+        return None
+    url = workdir.saved_model(root, found[-1])
+    if storage.is_local(url):
+        return tf.saved_model.load(storage.local_path(url))
+    with tempfile.TemporaryDirectory(prefix="trainer-saved-model-") as tmp:
+        for file_url in storage.glob(storage.join(url, "**")):
+            rel = file_url[len(url) :].lstrip("/")
+            storage.get(file_url, os.path.join(tmp, *rel.split("/")))
+        # The variables are read at load: the folder can go right after.
+        return tf.saved_model.load(tmp)
+
+
+def run_export(root: str, step: int | None = None) -> dict[str, Any]:
+    """`trainer export`: re-exports the workdir's run from a committed checkpoint.
+
+    Args:
+      root: the workdir of a `trainer train` run (finished or not).
+      step: the checkpoint step; None for the spec's `train.export` choice.
+
+    Returns:
+      The export record (see `export_step`).
+    """
+    job_url = workdir.job(root)
+    if not storage.exists(job_url):
+        raise NotFound(
+            f"{job_url} not found: is {root} the --workdir of a `trainer train` run?"
+        )
+    spec = input_pipeline.with_class_names(config.from_dict(storage.read_json(job_url)))
+    chosen, weights = choose_step(root, spec, step)
+    record = export_step(root, spec, chosen, weights)
+    print(reports.describe_export(record))
+    return record
