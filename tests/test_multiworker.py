@@ -320,3 +320,29 @@ def test_two_workers_resumed_on_one_see_the_same_records(
     worst = largest_difference(url_a, url_b)
     print(f"largest weight difference from the two-worker run: {worst:.3g}")
     assert worst < 1e-6, worst
+
+
+@pytest.mark.parametrize("started", [0, 1], ids=["chief_alone", "worker_alone"])
+def test_a_worker_whose_peer_never_comes_up_stops_within_the_bound(
+    started, gcs_bucket, digits_dir, tmp_path
+):
+    """Only one worker of a two-worker TF_CONFIG is started: it stops (exit 75)
+    once runtime.collective_timeout_seconds have passed, naming the peer."""
+    url, prefix = workdir_in(gcs_bucket, "alone")
+    hosts = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    task = {"type": "worker", "index": started}
+    env = {"TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": task})}
+    args = train_args(digits_dir, url, "--set=runtime.collective_timeout_seconds=8")
+    began = time.monotonic()
+    run = Run(args, str(tmp_path), env=env)
+    assert run.wait(timeout=120) == 75, run.describe()
+    # TensorFlow's import and start take some seconds of the bound's slack.
+    assert time.monotonic() - began < 60
+    peer = 1 - started
+    assert (
+        f"worker {peer} ({hosts[peer]}) did not come up within 8 s "
+        "(runtime.collective_timeout_seconds)"
+    ) in run.stderr, run.stderr[-2000:]
+    assert "after a durable checkpoint" not in run.stderr
+    assert "Traceback" not in run.stderr
+    assert Bucket(gcs_bucket).latest(prefix) is None

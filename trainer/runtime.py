@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
+import time
 from typing import Iterator
 
 from trainer import config
@@ -138,6 +140,83 @@ def tf_config_workers(environ: dict[str, str] | None = None) -> int:
             "single-machine run, or fix the cluster description"
         ) from None
     return sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
+
+
+class PeersMissing(RuntimeError):
+    """Workers of TF_CONFIG that never came up: rerunning (once they are up,
+    or on other machines) may work, so the caller stops as preempted."""
+
+
+def await_peers(timeout: float, environ: dict[str, str] | None = None) -> None:
+    """Returns once every other worker of TF_CONFIG accepts connections.
+
+    TensorFlow's own start-up waits for a missing worker for as long as its
+    coordination service allows (its `cluster_register_timeout` did not bound
+    the chief's wait in TF 2.21) and swallows SIGTERM meanwhile. So each
+    worker first listens on its own address and connects to the others',
+    until all answered once; then it frees its port for TensorFlow's server.
+
+    Raises:
+      PeersMissing: naming the workers that did not answer within `timeout`.
+    """
+    env = os.environ if environ is None else environ
+    tf_config_workers(env)  # Bad JSON: exit 2 with its message.
+    config_ = json.loads(env.get("TF_CONFIG") or "{}")
+    cluster, task = config_.get("cluster", {}), config_.get("task", {})
+    tasks = [
+        (job, i, a)
+        for job in ("chief", "worker")
+        for i, a in enumerate(cluster.get(job, []))
+    ]
+    mine = next(
+        (a for job, i, a in tasks if (job, i) == (task.get("type"), task.get("index"))),
+        None,
+    )
+    missing = {f"{job} {i} ({a})": a for job, i, a in tasks if a != mine}
+    deadline = time.monotonic() + timeout
+    with _listening(mine, backlog=len(tasks) + 8):
+        while missing:
+            missing = {k: a for k, a in missing.items() if not _answers(a)}
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+    if missing:
+        raise PeersMissing(
+            f"{', '.join(sorted(missing))} did not come up within {timeout:g} s "
+            "(runtime.collective_timeout_seconds): nothing answers at "
+            f"{', '.join(sorted(missing.values()))}. Start every worker of the "
+            "cluster (TF_CONFIG, or Vertex AI's CLUSTER_SPEC) and check that "
+            "this machine reaches each address; nothing was trained or written"
+        )
+
+
+@contextlib.contextmanager
+def _listening(address: str | None, backlog: int) -> Iterator[None]:
+    """Accepts connections on this worker's port while the body runs (if free)."""
+    listener = None
+    if address:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(("", int(address.rsplit(":", 1)[1])))
+            listener.listen(backlog)
+        except (OSError, ValueError, IndexError):  # TF's own bind reports it.
+            listener.close()
+            listener = None
+    try:
+        yield
+    finally:
+        if listener is not None:
+            listener.close()  # Peers' queued probes get a reset: no TIME_WAIT.
+
+
+def _answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):  # Refused, unreachable, not yet in DNS.
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +385,7 @@ def _make_strategy(tf, name: str, rt: config.RuntimeConfig):
     gpus = tf.config.list_physical_devices("GPU")
     device_type = "gpu" if gpus else "cpu"
     if name == "multiworker":
+        await_peers(rt.collective_timeout_seconds)
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=rt.collective_timeout_seconds
         )
