@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -148,13 +149,14 @@ class PeersMissing(RuntimeError):
 
 
 def await_peers(timeout: float, environ: dict[str, str] | None = None) -> None:
-    """Returns once every other worker of TF_CONFIG accepts connections.
+    """Returns once every other worker of TF_CONFIG and this one saw each other.
 
     TensorFlow's own start-up waits for a missing worker for as long as its
     coordination service allows (its `cluster_register_timeout` did not bound
     the chief's wait in TF 2.21) and swallows SIGTERM meanwhile. So each
-    worker first listens on its own address and connects to the others',
-    until all answered once; then it frees its port for TensorFlow's server.
+    worker first listens on its own address and connects once to each of the
+    others', until it reached them all and each of them connected to it; then
+    it frees its port for TensorFlow's server.
 
     Raises:
       PeersMissing: naming the workers that did not answer within `timeout`.
@@ -168,18 +170,18 @@ def await_peers(timeout: float, environ: dict[str, str] | None = None) -> None:
         for job in ("chief", "worker")
         for i, a in enumerate(cluster.get(job, []))
     ]
-    mine = next(
-        (a for job, i, a in tasks if (job, i) == (task.get("type"), task.get("index"))),
-        None,
-    )
-    missing = {f"{job} {i} ({a})": a for job, i, a in tasks if a != mine}
-    deadline = time.monotonic() + timeout
-    with _listening(mine, backlog=len(tasks) + 8):
-        while missing:
+    mine = (task.get("type"), task.get("index"))
+    missing = {f"{j} {i} ({a})": a for j, i, a in tasks if (j, i) != mine}
+    peers, deadline = len(missing), time.monotonic() + timeout
+    own = next((a for j, i, a in tasks if (j, i) == mine), None)
+    with _Listener(own, backlog=len(tasks) + 8) as listener:
+        # A worker that stopped listening as soon as it reached the others
+        # could leave before they reached it: it also waits to be reached.
+        while missing or listener.reached() < peers:
             missing = {k: a for k, a in missing.items() if not _answers(a)}
-            if not missing or time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
     if missing:
         raise PeersMissing(
             f"{', '.join(sorted(missing))} did not come up within {timeout:g} s "
@@ -190,24 +192,42 @@ def await_peers(timeout: float, environ: dict[str, str] | None = None) -> None:
         )
 
 
-@contextlib.contextmanager
-def _listening(address: str | None, backlog: int) -> Iterator[None]:
-    """Accepts connections on this worker's port while the body runs (if free)."""
-    listener = None
-    if address:
+class _Listener:
+    """Accepts (and counts) connections on this worker's port, if it is free."""
+
+    def __init__(self, address: str | None, backlog: int):
+        self._count, self._socket = 0, None
+        if not address:
+            return
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            listener.bind(("", int(address.rsplit(":", 1)[1])))
+            listener.bind(("", int(address.rpartition(":")[2])))
             listener.listen(backlog)
-        except (OSError, ValueError, IndexError):  # TF's own bind reports it.
+        except (OSError, ValueError):  # TensorFlow's own bind will report it.
             listener.close()
-            listener = None
-    try:
-        yield
-    finally:
-        if listener is not None:
-            listener.close()  # Peers' queued probes get a reset: no TIME_WAIT.
+            return
+        listener.setblocking(False)
+        self._socket = listener
+
+    def reached(self) -> float:
+        """Connections so far (unbounded when not listening: nothing to wait for)."""
+        if self._socket is None:
+            return math.inf
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except BlockingIOError:
+                return self._count
+            connection.close()
+            self._count += 1
+
+    def __enter__(self) -> _Listener:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._socket is not None:
+            self._socket.close()
 
 
 def _answers(address: str) -> bool:
