@@ -126,7 +126,7 @@ def run(
             f"{json.dumps(done['metrics'])}"
         )
         return done
-    with _setup(spec) as rt:
+    with setup_runtime(spec) as rt:
         ckpt = checkpoint.CheckpointManager(
             workdir,
             keep=spec.train.keep_checkpoints,
@@ -153,9 +153,10 @@ def run(
 
 
 @contextlib.contextmanager
-def _setup(spec):
-    """`runtime.setup`; workers that never came up stop this one as preempted
-    (exit 75): Vertex AI restarts it, and rerunning once they are up works."""
+def setup_runtime(spec):
+    """`runtime.setup` for a job; workers that never came up stop this one as
+    preempted (exit 75): Vertex AI restarts it, and rerunning once they are up
+    works."""
     setup = runtime.setup(
         spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
     )
