@@ -1,7 +1,9 @@
 """Two `trainer train` worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy).
 
 Real processes with one TF_CONFIG (or Vertex AI's CLUSTER_SPEC) each, the
-workdir in the GCS emulator: agreed preemption, a lost worker, resume.
+workdir in the GCS emulator: agreed preemption (either worker told), a lost
+worker, a worker that never comes up, resume on the same or another number of
+workers.
 """
 
 from __future__ import annotations
