@@ -206,40 +206,39 @@ def _context(workers, worker, replicas_per_worker=1):
     )
 
 
-def test_workers_read_disjoint_shards_covering_the_data(digits_dir):
+def test_each_worker_keeps_its_slice_of_the_one_worker_batches(digits_dir):
+    """Step s trains on the same records whatever the number of workers, and
+    the replicas of a worker take consecutive parts of its slice."""
     spec = make_spec(digits_dir, batch=32)
-    ids = [stream_ids(spec, 0, _context(2, w)) for w in range(2)]
-    shards = [set(i >> 32) for i in ids]
-    assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == set(range(7))
+    one = stream_ids(spec, 0).reshape(-1, 32)
+    for workers, local in ((2, 1), (4, 1), (2, 2)):
+        ids = [stream_ids(spec, 0, _context(workers, w, local)) for w in range(workers)]
+        slices = [i.reshape(len(one), -1) for i in ids]
+        assert np.array_equal(np.concatenate(slices, axis=1), one), (workers, local)
     steps = input_pipeline.steps_per_epoch(spec)
     for w in range(2):
-        ds = input_pipeline.train_dataset(spec, epoch=0, input_context=_context(2, w))
+        ds = input_pipeline.train_dataset(
+            spec, epoch=0, start_step=3, input_context=_context(2, w)
+        )
         got = batches(ds)
-        assert len(got) == steps and got[0][0].shape == (16, 32, 32, 3)
+        assert len(got) == steps - 3 and got[0][0].shape == (16, 32, 32, 3)
 
 
-def test_fewer_shards_than_workers_falls_back_to_records(tmp_path, caplog):
+def test_fewer_validation_shards_than_workers_falls_back_to_records(tmp_path, caplog):
     data = str(tmp_path)
-    _write_shard(
-        f"{data}/train-00000-of-00001.tfrecord",
-        [_example(label=i % 10) for i in range(50)],
-    )
+    _write_shard(f"{data}/train-00000-of-00001.tfrecord", [_example()] * 12)
     _write_shard(f"{data}/validation-00000-of-00001.tfrecord", [_example()] * 5)
     spec = make_spec(data, batch=12)
-    with caplog.at_level(logging.WARNING):
-        ids = [stream_ids(spec, 0, _context(3, w)) for w in range(3)]
-    assert "1 shards for 3 workers" in caplog.text
-    assert not set(ids[0]) & set(ids[1]) and not set(ids[1]) & set(ids[2])
-    assert set(np.concatenate(ids) >> 32) == {0}
     counts, weight = [], 0.0
-    for w in range(3):  # 3 workers x 2 replicas: per-replica eval batch 2
-        got = batches(
-            input_pipeline.eval_dataset(spec, input_context=_context(3, w, 2))
-        )
-        counts.append(len(got))
-        assert all(b[0].shape == (2, 32, 32, 3) for b in got)
-        weight += sum(b[2].sum() for b in got)
+    with caplog.at_level(logging.WARNING):
+        for w in range(3):  # 3 workers x 2 replicas: per-replica eval batch 2
+            got = batches(
+                input_pipeline.eval_dataset(spec, input_context=_context(3, w, 2))
+            )
+            counts.append(len(got))
+            assert all(b[0].shape == (2, 32, 32, 3) for b in got)
+            weight += sum(b[2].sum() for b in got)
+    assert "1 shards for 3 workers" in caplog.text
     assert len(set(counts)) == 1 and weight == 5
 
 
@@ -443,7 +442,8 @@ def test_shard_deleted_mid_read(gcs_server, gcs_bucket):
 def test_every_start_record_on_uneven_shards(tmp_path, shuffle_buffer, workers):
     """Round robin over shards of unequal length, resumed at every record.
 
-    With 8 workers for 6 shards, each worker strides over the records.
+    With 8 workers (a global batch of 8), worker 3 keeps every 8th record of
+    the one-worker stream, from any start.
     """
     data = str(tmp_path)
     sizes = [3, 17, 1, 9, 30, 4]  # in groups of 4 (after the epoch's shard shuffle)
@@ -452,26 +452,25 @@ def test_every_start_record_on_uneven_shards(tmp_path, shuffle_buffer, workers):
         _write_shard(f"{data}/{name}", [_example(label=i % 10) for i in range(n)])
     _write_shard(f"{data}/validation-00000-of-00001.tfrecord", [_example()])
     spec = make_spec(data, batch=workers, shuffle_buffer=shuffle_buffer)
-    ctx = _context(workers, 3) if workers > 1 else None
-    total = len(range(3, sum(sizes), workers)) if workers > 1 else sum(sizes)
-
+    mine = 3 if workers > 1 else 0
+    ctx = _context(workers, mine) if workers > 1 else None
+    total = sum(sizes)  # 64: whole global batches
     info = input_pipeline.split_info(spec, "train")
 
-    def ids_from(start):
+    def ids_from(start, context, n):
         out = []
-        for _, _, ids in input_pipeline._train_records(spec, info, 5, start, ctx)():
+        for _, _, ids in input_pipeline._train_records(spec, info, 5, start, context)():
             out.extend(ids.tolist())
-            if len(out) >= total - start:
-                return out[: total - start]
-        return out
+            if len(out) >= n:
+                break
+        return out[:n]
 
-    full = ids_from(0)
+    one = ids_from(0, None, total)
     every = sorted((s << 32) + i for s, n in enumerate(sizes) for i in range(n))
-    assert len(set(full)) == total and set(full) <= set(every)
-    if workers == 1:
-        assert sorted(full) == every
-    for start in range(1, total):
-        assert ids_from(start) == full[start:], start
+    assert sorted(one) == every
+    for start in range(total):
+        kept = [one[p] for p in range(start, total) if p % workers == mine]
+        assert ids_from(start, ctx, len(kept)) == kept, start
 
 
 def test_undecodable_image_bytes(tmp_path):

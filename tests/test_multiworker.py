@@ -1,7 +1,9 @@
 """Two `trainer train` worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy).
 
 Real processes with one TF_CONFIG (or Vertex AI's CLUSTER_SPEC) each, the
-workdir in the GCS emulator: agreed preemption, a lost worker, resume.
+workdir in the GCS emulator: agreed preemption (either worker told), a lost
+worker, a worker that never comes up, resume on the same or another number of
+workers.
 """
 
 from __future__ import annotations
@@ -86,6 +88,31 @@ def final_arrays(url: str):
     return checkpoint.CheckpointManager(url, is_chief=False).restore()
 
 
+def largest_difference(url_a: str, url_b: str) -> float:
+    """The largest absolute difference between two runs' final float arrays."""
+    (arrays_a, _), (arrays_b, _) = final_arrays(url_a), final_arrays(url_b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    return max(
+        float(np.max(np.abs(arrays_a[k].astype(np.float64) - arrays_b[k])))
+        for k in arrays_a
+        if arrays_a[k].dtype.kind == "f"
+    )
+
+
+def stop_steps(runs: list[Run]) -> list[int]:
+    return [
+        int(run.stdout.split("saving a checkpoint at step ")[1].split()[0])
+        for run in runs
+    ]
+
+
+def copy_workdir(bucket: Bucket, prefix: str, to: str) -> None:
+    """Copies a workdir's objects under another prefix (a run's state, to resume
+    it in two ways)."""
+    for blob in bucket.client.list_blobs(bucket.name, prefix=prefix):
+        bucket.bucket.copy_blob(blob, bucket.bucket, to + blob.name[len(prefix) :])
+
+
 @pytest.fixture(scope="session")
 def reference(gcs_server, digits_dir, tmp_path_factory):
     """One uninterrupted two-worker run, started as Vertex AI starts one.
@@ -124,10 +151,7 @@ def test_sigterm_to_one_worker_stops_both_at_one_step_then_resume_is_bit_exact(
     wait_for(lambda: (bucket.latest(pb) or 0) >= 4, runs[1])
     runs[1].kill(signal.SIGTERM)  # The non-chief is preempted.
     assert wait_all(runs, timeout=120) == [75, 75], runs[0].describe()
-    stops = [
-        int(run.stdout.split("saving a checkpoint at step ")[1].split()[0])
-        for run in runs
-    ]
+    stops = stop_steps(runs)
     assert stops[0] == stops[1] == bucket.latest(pb) < TOTAL_STEPS, stops
     assert "another worker was told to stop" in runs[0].stdout
     s = summary(bucket, pb)
@@ -181,9 +205,8 @@ def _one_process(digits_dir, url, scratch, replicas: int) -> Run:
 
 def test_resume_on_one_then_two_then_one_replica(gcs_bucket, digits_dir, tmp_path):
     """Same global batch on other hardware: same positions, weights within float
-    error of an uninterrupted one-replica run. (Replicas of one process share
-    one input pipeline, so the record order is the same; worker processes each
-    read their own shards, so a change of worker count is not covered here.)"""
+    error of an uninterrupted one-replica run. (A change of worker count is
+    `test_two_workers_resumed_on_one_see_the_same_records`.)"""
     bucket, scratch = Bucket(gcs_bucket), str(tmp_path)
     url_a, pa = workdir_in(gcs_bucket, "a")
     url_b, pb = workdir_in(gcs_bucket, "b")
@@ -224,3 +247,105 @@ def test_resume_on_one_then_two_then_one_replica(gcs_bucket, digits_dir, tmp_pat
     print(f"largest weight difference from the one-replica run: {worst:.3g}")
     assert worst < 1e-3, worst
     assert abs(sa["metrics"]["val_accuracy"] - sb["metrics"]["val_accuracy"]) < 0.02
+
+
+@pytest.fixture(scope="session")
+def chief_stopped(gcs_server, digits_dir, tmp_path_factory):
+    """A two-worker run whose chief got SIGTERM mid-phase.
+
+    (workdir URL, object prefix, the two runs, their exit codes); the tests
+    below resume copies of its workdir.
+    """
+    from tests import gcs_emulator
+
+    name = "multiworker-chief-stopped"
+    gcs_emulator.client().create_bucket(name)
+    url, prefix = workdir_in(f"gs://{name}", "stopped")
+    scratch = str(tmp_path_factory.mktemp("chief-stopped"))
+    bucket = Bucket(url)
+    runs = start_workers(digits_dir, url, scratch)
+    wait_for(lambda: (bucket.latest(prefix) or 0) >= 4, runs[0])
+    runs[0].kill(signal.SIGTERM)  # The chief is preempted.
+    return url, prefix, runs, wait_all(runs, timeout=120)
+
+
+def test_sigterm_to_the_chief_stops_both_at_one_step_then_resume_is_bit_exact(
+    reference, chief_stopped, digits_dir, tmp_path
+):
+    url_a, pa, _ = reference
+    url, prefix, runs, codes = chief_stopped
+    assert codes == [75, 75], runs[0].describe() + runs[1].describe()
+    bucket = Bucket(url)
+    stops = stop_steps(runs)
+    assert stops[0] == stops[1] == bucket.latest(prefix) < TOTAL_STEPS, stops
+    assert "another worker was told to stop" in runs[1].stdout
+    s = summary(bucket, prefix)
+    assert s["status"] == "preempted" and s["global_step"] == stops[0]
+
+    copy_workdir(bucket, prefix, "again/")
+    url_b = url.rsplit("/", 1)[0] + "/again"
+    again = start_workers(digits_dir, url_b, str(tmp_path))
+    assert wait_all(again) == [0, 0], again[0].describe() + again[1].describe()
+    assert all(f"resuming from step {stops[0]}" in run.stdout for run in again)
+    sa, sb = summary(Bucket(url_a), pa), summary(bucket, "again/")
+    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
+    assert sa["history"] == sb["history"]
+    assert largest_difference(url_a, url_b) == 0.0
+
+
+def test_two_workers_resumed_on_one_see_the_same_records(
+    reference, chief_stopped, digits_dir, tmp_path
+):
+    """Every worker keeps its slice of one global order, so the rest of the run
+    on one process trains on the same records at the same steps: the weights
+    then differ from the uninterrupted two-worker run only by float summation
+    order (one replica sums 16 examples' gradients, two sum 8 each)."""
+    url_a, pa, _ = reference
+    url, prefix, runs, codes = chief_stopped
+    assert codes == [75, 75], runs[0].describe() + runs[1].describe()
+    bucket = Bucket(url)
+    copy_workdir(bucket, prefix, "one/")
+    url_b = url.rsplit("/", 1)[0] + "/one"
+    # XLA off as on the two workers (`auto` would compile the one-CPU
+    # fine-tune): the difference measured is then the data's and the sums'.
+    one = Run(
+        train_args(digits_dir, url_b, "--set=train.jit_compile=false"), str(tmp_path)
+    )
+    assert one.wait() == 0, one.describe()
+    assert "cpu x1" in one.stdout
+    assert f"resuming from step {bucket.latest(prefix)}" in one.stdout
+    sa, sb = summary(Bucket(url_a), pa), summary(bucket, "one/")
+    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
+    assert [h["global_step"] for h in sa["history"]] == [
+        h["global_step"] for h in sb["history"]
+    ]
+    worst = largest_difference(url_a, url_b)
+    print(f"largest weight difference from the two-worker run: {worst:.3g}")
+    assert worst < 1e-6, worst
+
+
+def test_a_worker_whose_peer_never_comes_up_stops_within_the_bound(
+    gcs_bucket, digits_dir, tmp_path
+):
+    """Only the chief of a two-worker TF_CONFIG is started: it stops (exit 75)
+    once runtime.collective_timeout_seconds have passed, naming the peer.
+    (A lone non-chief takes the same path: test_platforms' await_peers test.)"""
+    started = 0
+    url, prefix = workdir_in(gcs_bucket, "alone")
+    hosts = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    task = {"type": "worker", "index": started}
+    env = {"TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": task})}
+    args = train_args(digits_dir, url, "--set=runtime.collective_timeout_seconds=8")
+    began = time.monotonic()
+    run = Run(args, str(tmp_path), env=env)
+    assert run.wait(timeout=120) == 75, run.describe()
+    # TensorFlow's import and start take some seconds of the bound's slack.
+    assert time.monotonic() - began < 60
+    peer = 1 - started
+    assert (
+        f"worker {peer} ({hosts[peer]}) did not come up within 8 s "
+        "(runtime.collective_timeout_seconds)"
+    ) in run.stderr, run.stderr[-2000:]
+    assert "after a durable checkpoint" not in run.stderr
+    assert "Traceback" not in run.stderr
+    assert Bucket(gcs_bucket).latest(prefix) is None

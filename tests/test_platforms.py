@@ -197,3 +197,54 @@ def test_vertex_cluster_spec_becomes_tf_config():
         runtime.tf_config_from_cluster_spec({"CLUSTER_SPEC": json.dumps(with_ps)})
     with pytest.raises(SetupError, match="not Vertex AI's cluster description"):
         runtime.tf_config_from_cluster_spec({"CLUSTER_SPEC": "{}"})
+
+
+def test_workers_wait_for_each_other_at_start_and_name_the_missing_one():
+    """Each worker listens on its own address while it waits for the others':
+    workers started seconds apart all go on; a worker never started is named."""
+    import socket
+    import threading
+    import time
+
+    from trainer import runtime
+
+    sockets = [socket.socket() for _ in range(3)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    hosts = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    cluster = {"chief": hosts[:1], "worker": hosts[1:]}
+
+    def env(job, index):
+        task = {"type": job, "index": index}
+        return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": task})}
+
+    outcome = {}
+
+    def start(job, index, delay):
+        time.sleep(delay)
+        try:
+            runtime.await_peers(20, env(job, index))
+            outcome[job, index] = "ok"
+        except runtime.PeersMissing as e:
+            outcome[job, index] = str(e)
+
+    threads = [
+        threading.Thread(target=start, args=task)
+        for task in (("chief", 0, 0), ("worker", 0, 1.5), ("worker", 1, 3))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcome == dict.fromkeys([("chief", 0), ("worker", 0), ("worker", 1)], "ok")
+
+    began = time.monotonic()
+    with pytest.raises(runtime.PeersMissing) as missing:
+        runtime.await_peers(1.5, env("worker", 0))
+    assert time.monotonic() - began < 10
+    assert str(missing.value).startswith(
+        f"chief 0 ({hosts[0]}), worker 1 ({hosts[2]}) did not come up within 1.5 s "
+        "(runtime.collective_timeout_seconds)"
+    )

@@ -16,7 +16,6 @@ from trainer import (  # noqa: E402
     config,
     input_pipeline,
     models,
-    runtime,
     steps,
     storage,
     train,
@@ -36,9 +35,7 @@ def check(
     Returns:
       The plan as a dict (also printed as a table).
     """
-    with runtime.setup(
-        spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
-    ) as rt:
+    with train.setup_runtime(spec) as rt:
         train.check_batch(spec, rt)
         plan = _plan(spec, workdir, rt)
         storage.check_writable(workdir)

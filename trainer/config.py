@@ -112,7 +112,8 @@ class RuntimeConfig:
         "auto"
     )
     # Several workers: a collective that waits this long for a silent peer
-    # (a VM gone without closing its connections) fails instead of hanging.
+    # (a VM gone without closing its connections) fails instead of hanging;
+    # so does a start waiting for a worker that never comes up.
     collective_timeout_seconds: float = 600.0
 
 

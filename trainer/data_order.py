@@ -1,15 +1,23 @@
 """The order of every epoch's records: arithmetic on record counts, no TensorFlow.
 
-The training stream of one epoch is a pure function of (seed, epoch):
+The training stream of one epoch is a pure function of (seed, epoch), the same
+on every worker whatever their number:
 
 1. the shard list is permuted with `np.random.default_rng((seed, epoch))`;
-2. each worker takes every W-th shard of that order (record-level striding,
-   with a warning, when there are fewer shards than workers);
-3. its shards are read INTERLEAVE_CYCLE at a time, record by record round robin
-   (a shard leaves the round when it runs out), which mixes shards and keeps
-   several reads in flight;
-4. that stream is cut into windows of `data.shuffle_buffer` records and each
-   window is permuted with `default_rng((seed, epoch, worker, window))`.
+2. the shards are read INTERLEAVE_CYCLE at a time, record by record round
+   robin (a shard leaves the round when it runs out), which mixes shards and
+   keeps several reads in flight;
+3. that stream is cut into windows of `data.shuffle_buffer` records and each
+   window is permuted with `default_rng((seed, epoch, 0, window))`;
+4. the permuted stream is cut into global batches, and worker i of W keeps
+   records [i * b, (i + 1) * b) of every one, b = global batch / W
+   (`WorkerSlice`): its replicas' share, kept before decoding.
+
+So step s trains on the same records on one worker or on eight, and a run
+resumes on another number of workers at the same records. The price is
+reading: every worker reads (and checks) every training record, and decodes
+only its slice. The validation split, whose order does not matter, is still
+split by shards (`worker_shards`).
 
 Every step of this is computable from record counts alone, so a run resumed at
 (epoch, step) skips whole shards without reading them, reads only the window it
@@ -42,17 +50,44 @@ def shard_order(seed: int, epoch: int, shards: int) -> np.ndarray:
 
 
 def window_order(
-    seed: int, epoch: int, worker: int, window: int, records: int, shuffle: bool
+    seed: int, epoch: int, window: int, records: int, shuffle: bool
 ) -> np.ndarray:
-    """The order of the `records` records of one shuffle window of a worker."""
+    """The order of the `records` records of one shuffle window of the stream."""
     if not shuffle:
         return np.arange(records)
-    return np.random.default_rng((seed, epoch, worker, window)).permutation(records)
+    # The 0 stands where each worker once seeded its own stream: a one-worker
+    # run checkpointed by an earlier release keeps its order on resume.
+    return np.random.default_rng((seed, epoch, 0, window)).permutation(records)
+
+
+class WorkerSlice(NamedTuple):
+    """A worker's records of every global batch: `size` of them from `first`."""
+
+    global_batch: int
+    first: int
+    size: int
+
+    def keeps(self, positions: np.ndarray) -> np.ndarray:
+        """Mask of the stream positions (0 = the epoch's first record) kept."""
+        within = np.asarray(positions) % self.global_batch
+        return (within >= self.first) & (within < self.first + self.size)
+
+
+def worker_slice(global_batch: int, workers: int, worker: int) -> WorkerSlice:
+    """Worker `worker` of `workers` keeps its contiguous share of each global batch.
+
+    Contiguous, so that its local replicas (which take consecutive per-replica
+    batches of its stream) hold the same records as the same global replica
+    numbers of a one-process run.
+    """
+    size = global_batch // workers
+    return WorkerSlice(global_batch, worker * size, size)
 
 
 class WorkerShards(NamedTuple):
-    """One worker's share of a split: it keeps records offset, offset + stride, ...
-    of the interleaved stream of its shards."""
+    """One worker's share of the validation split (or the whole training split):
+    it keeps records offset, offset + stride, ... of the interleaved stream of
+    its shards."""
 
     shards: list[str]
     counts: list[int]

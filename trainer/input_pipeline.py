@@ -671,19 +671,20 @@ def _worker_share(info, order, workers: int, worker: int, what=None):
 
 
 class _WorkerEpoch:
-    """One worker's training records of one epoch, read window by window."""
+    """One epoch's training stream, the same on every worker, read window by
+    window; this worker keeps its slice of every global batch (`data_order`)."""
 
     def __init__(self, spec, info, epoch: int, input_context, tally=None):
         workers, self.worker, _ = _workers(input_context)
         self.seed, self.epoch, self.what = spec.train.seed, epoch, spec.data.train
         order = data_order.shard_order(self.seed, epoch, len(info["shards"]))
-        self.share = _worker_share(info, order, workers, self.worker, self.what)
-        self.length = self.share.records  # Records in this worker's stream.
-        if self.length == 0:
-            raise DataError(
-                f"{self.what}: worker {self.worker} of {workers} gets no training "
-                "records; write more records or shards"
-            )
+        self.share = data_order.worker_shards(
+            info["shards"], info["counts"], order, 1, 0
+        )
+        self.length = self.share.records  # Records in the epoch's stream.
+        self.slice = data_order.worker_slice(
+            spec.train.global_batch_size, workers, self.worker
+        )
         self.window = spec.data.shuffle_buffer or 4 * CHUNK_RECORDS
         self.shuffle = spec.data.shuffle_buffer > 0
         skip = None if tally is None else tally.recorder("train", epoch)
@@ -691,12 +692,13 @@ class _WorkerEpoch:
         self.parallelism = _parallelism(spec)
 
     def chunks(self, start: int, outer: threading.Event):
-        """(images, labels, record ids) chunks from record `start` on, until
-        `outer` is set."""
-        # A worker whose shards hold fewer records than the epoch needs from it
-        # wraps around its own stream, so all workers give the same batch count.
-        p = start % self.length
-        stream = None  # This worker's stream, from the window being read on.
+        """(images, labels, record ids) chunks of this worker's slice, from
+        record `start` of the stream on, until `outer` is set."""
+        # A stream short of records (corrupt ones skipped) wraps around, so
+        # every worker gives the same batch count. `at` counts the positions
+        # given, across wraps: the global batches stay aligned on all workers.
+        p, at = start % self.length, start
+        stream = None  # The stream, from the window being read on.
         stop = threading.Event()
         try:
             while not outer.is_set():
@@ -710,14 +712,15 @@ class _WorkerEpoch:
                 n = len(datas)
                 if n == 0:
                     raise DataError(
-                        f"{self.what}: no readable training records for worker "
-                        f"{self.worker} (all skipped as corrupt?); {tfrecord.REMEDY}"
+                        f"{self.what}: no readable training records (all skipped "
+                        f"as corrupt?); {tfrecord.REMEDY}"
                     )
                 order = data_order.window_order(
-                    self.seed, self.epoch, self.worker, w0, n, self.shuffle
-                )
-                yield from _in_chunks(datas, ids, order[p - ws :])
-                p = we
+                    self.seed, self.epoch, w0, n, self.shuffle
+                )[p - ws :]
+                mine = self.slice.keeps(np.arange(at, at + len(order)))
+                yield from _in_chunks(datas, ids, order[mine])
+                p, at = we, at + len(order)
                 if p >= self.length or n < we - ws:  # End of stream: wrap around.
                     p = 0
                     stop.set()
@@ -726,18 +729,18 @@ class _WorkerEpoch:
             stop.set()
 
     def _stream_from(self, ws: int, stop: threading.Event) -> data_order.Rechunker:
-        """This worker's stream from its record `ws` on."""
+        """The stream from its record `ws` on."""
         share = self.share
         raw = _stream(
             share.shards,
             share.counts,
             share.shard_ids,
-            ws * share.stride + share.offset,
+            ws,
             reading=self.reading,
             parallelism=self.parallelism,
             stop=stop,
         )
-        return data_order.Rechunker(data_order.strided(raw, 0, share.stride))
+        return data_order.Rechunker(raw)
 
 
 def _in_chunks(datas: list[bytes], ids: np.ndarray, order: np.ndarray):
@@ -749,8 +752,9 @@ def _in_chunks(datas: list[bytes], ids: np.ndarray, order: np.ndarray):
 
 
 def _train_records(spec, info, epoch: int, start: int, input_context, tally=None):
-    """Generator factory: (images, labels, ids) chunks of a worker's epoch from
-    its record `start`, `info` being the training split's `split_info`."""
+    """Generator factory: (images, labels, ids) chunks of a worker's slice of
+    the epoch from record `start` of the stream (all workers' records counted),
+    `info` being the training split's `split_info`."""
     epoch_records = _WorkerEpoch(spec, info, epoch, input_context, tally)
     # In a thread, with room for one window of chunks: the next window is read
     # while tf.data drains this one, so decoding never waits for a window to
@@ -931,7 +935,7 @@ def train_dataset(
         )
     _, _, local = _workers(input_context)
     batch = _per_replica(input_context, spec.train.global_batch_size)
-    start = start_step * local * batch  # Records this worker already gave.
+    start = start_step * spec.train.global_batch_size  # Records all workers gave.
     gen = _train_records(spec, info, epoch, start, input_context, tally)
     ds = _decoded(spec, _records_dataset(gen), epoch)
     ds = ds.batch(batch, drop_remainder=True).take((steps - start_step) * local)

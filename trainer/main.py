@@ -344,9 +344,9 @@ def run(argv: list[str]) -> int:
         preemption = sys.modules.get("trainer.preemption")
         if preemption is None or not isinstance(e, preemption.Preempted):
             raise
+        after = " after a durable checkpoint" if e.durable else ""
         print(
-            f"stopped ({e}) after a durable checkpoint: run the same command "
-            "again to resume",
+            f"stopped ({e}){after}: run the same command again to resume",
             file=sys.stderr,
         )
         code = EXIT_PREEMPTED

@@ -32,11 +32,16 @@ _DURATION_RE = re.compile(
 
 
 class Preempted(Exception):
-    """The run must stop now; `reason` says why ("SIGTERM", "deadline", ...)."""
+    """The run must stop now; `reason` says why ("SIGTERM", "deadline", ...).
 
-    def __init__(self, reason: str):
+    `durable` is False when it stops before a checkpoint of its own (workers
+    that never came up): the workdir holds what it held.
+    """
+
+    def __init__(self, reason: str, *, durable: bool = True):
         super().__init__(f"stopping: {reason}")
         self.reason = reason
+        self.durable = durable
 
 
 def parse_duration(text: str) -> float:

@@ -6,9 +6,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
+import socket
 import sys
+import time
 from typing import Iterator
 
 from trainer import config
@@ -138,6 +141,102 @@ def tf_config_workers(environ: dict[str, str] | None = None) -> int:
             "single-machine run, or fix the cluster description"
         ) from None
     return sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
+
+
+class PeersMissing(RuntimeError):
+    """Workers of TF_CONFIG that never came up: rerunning (once they are up,
+    or on other machines) may work, so the caller stops as preempted."""
+
+
+def await_peers(timeout: float, environ: dict[str, str] | None = None) -> None:
+    """Returns once every other worker of TF_CONFIG and this one saw each other.
+
+    TensorFlow's own start-up waits for a missing worker for as long as its
+    coordination service allows (its `cluster_register_timeout` did not bound
+    the chief's wait in TF 2.21) and swallows SIGTERM meanwhile. So each
+    worker first listens on its own address and connects once to each of the
+    others', until it reached them all and each of them connected to it; then
+    it frees its port for TensorFlow's server.
+
+    Raises:
+      PeersMissing: naming the workers that did not answer within `timeout`.
+    """
+    env = os.environ if environ is None else environ
+    tf_config_workers(env)  # Bad JSON: exit 2 with its message.
+    config_ = json.loads(env.get("TF_CONFIG") or "{}")
+    cluster, task = config_.get("cluster", {}), config_.get("task", {})
+    tasks = [
+        (job, i, a)
+        for job in ("chief", "worker")
+        for i, a in enumerate(cluster.get(job, []))
+    ]
+    mine = (task.get("type"), task.get("index"))
+    missing = {f"{j} {i} ({a})": a for j, i, a in tasks if (j, i) != mine}
+    peers, deadline = len(missing), time.monotonic() + timeout
+    own = next((a for j, i, a in tasks if (j, i) == mine), None)
+    with _Listener(own, backlog=len(tasks) + 8) as listener:
+        # A worker that stopped listening as soon as it reached the others
+        # could leave before they reached it: it also waits to be reached.
+        while missing or listener.reached() < peers:
+            missing = {k: a for k, a in missing.items() if not _answers(a)}
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    if missing:
+        raise PeersMissing(
+            f"{', '.join(sorted(missing))} did not come up within {timeout:g} s "
+            "(runtime.collective_timeout_seconds): nothing answers at "
+            f"{', '.join(sorted(missing.values()))}. Start every worker of the "
+            "cluster (TF_CONFIG, or Vertex AI's CLUSTER_SPEC) and check that "
+            "this machine reaches each address; nothing was trained or written"
+        )
+
+
+class _Listener:
+    """Accepts (and counts) connections on this worker's port, if it is free."""
+
+    def __init__(self, address: str | None, backlog: int):
+        self._count, self._socket = 0, None
+        if not address:
+            return
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(("", int(address.rpartition(":")[2])))
+            listener.listen(backlog)
+        except (OSError, ValueError):  # TensorFlow's own bind will report it.
+            listener.close()
+            return
+        listener.setblocking(False)
+        self._socket = listener
+
+    def reached(self) -> float:
+        """Connections so far (unbounded when not listening: nothing to wait for)."""
+        if self._socket is None:
+            return math.inf
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except BlockingIOError:
+                return self._count
+            connection.close()
+            self._count += 1
+
+    def __enter__(self) -> _Listener:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._socket is not None:
+            self._socket.close()
+
+
+def _answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):  # Refused, unreachable, not yet in DNS.
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +405,7 @@ def _make_strategy(tf, name: str, rt: config.RuntimeConfig):
     gpus = tf.config.list_physical_devices("GPU")
     device_type = "gpu" if gpus else "cpu"
     if name == "multiworker":
+        await_peers(rt.collective_timeout_seconds)
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=rt.collective_timeout_seconds
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -129,9 +130,7 @@ def run(
             f"{json.dumps(done['metrics'])}"
         )
         return done
-    with runtime.setup(
-        spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
-    ) as rt:
+    with setup_runtime(spec) as rt:
         ckpt = checkpoint.CheckpointManager(
             workdir,
             keep=spec.train.keep_checkpoints,
@@ -155,6 +154,22 @@ def run(
             if isinstance(e, (StorageError, TrainingError)):
                 raise type(e)(f"{e}. {_durable_note(ckpt)}") from e
             raise
+
+
+@contextlib.contextmanager
+def setup_runtime(spec):
+    """`runtime.setup` for a job; workers that never came up stop this one as
+    preempted (exit 75): Vertex AI restarts it, and rerunning once they are up
+    works."""
+    setup = runtime.setup(
+        spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
+    )
+    with contextlib.ExitStack() as stack:
+        try:
+            rt = stack.enter_context(setup)
+        except runtime.PeersMissing as e:
+            raise preemption.Preempted(str(e), durable=False) from None
+        yield rt
 
 
 def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
