@@ -75,6 +75,15 @@ def _dry_run(spec, rt, model, phase, n: int) -> dict[str, Any]:
     """`n` steps of `phase` with a tiny batch; the phase's row of the plan."""
     train.set_trainable(model, spec, phase)
     trainable = models.count_params(model)["trainable"]
+    if phase.epochs == 0:
+        return {
+            "name": phase.name,
+            "epochs": 0,
+            "trainable_from": phase.trainable_from,
+            "trainable_params": trainable,
+            "checkpoint_bytes": 0,
+            "dry_run": "skipped (epochs = 0)",
+        }
     jit = train.resolve_jit(spec, phase, rt)
     with rt.strategy.scope():
         optimizer = steps.make_optimizer(
