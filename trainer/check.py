@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from trainer import (  # noqa: E402
     config,
+    feature_cache,
     input_pipeline,
     models,
     runtime,
@@ -45,9 +46,14 @@ def check(
         with rt.strategy.scope():
             model = models.build_model(spec)
         weight_bytes = _nbytes(model.variables)
+        feature_cache.check_spec(spec, rt, model)
         for phase in spec.phases:
             row = _dry_run(spec, rt, model, phase, dry_run_steps)
             row["checkpoint_bytes"] += weight_bytes
+            # The dry run itself reads images: it writes no cache.
+            row["feature_cache"] = feature_cache.decide(
+                spec, phase, rt, model
+            ).describe()
             plan["phases"].append(row)
     _print_plan(plan)
     return plan
