@@ -280,7 +280,8 @@ def _batches(dataset, extract, strategy, dtype: str):
             for out in extract(images, labels, ids)
         ]
         values, labels_np, ids_np = host
-        yield ids_np, labels_np, values.astype(dtype)
+        real = ids_np >= 0  # The last batch's padding has record id -1.
+        yield ids_np[real], labels_np[real], values[real].astype(dtype)
 
 
 def _write_parts(url: str, split: str, batches):

@@ -1035,9 +1035,10 @@ def _pad_batch(images, labels, *, batch: int):
 def cache_source(spec, split: str, batch: int) -> tf.data.Dataset:
     """Every record of `split` once, in shard order, decoded without augmentation.
 
-    Batches of (images uint8, labels int32, record ids int64), the last one
-    short. Records the reader skips as corrupt are left out: the passes that
-    read the cached features skip (and count) them again, as uncached ones do.
+    Batches of (images uint8, labels int32, record ids int64), all of `batch`
+    records (one traced shape): the last one is padded with record id -1.
+    Records the reader skips as corrupt are left out: the passes that read
+    the cached features skip (and count) them again, as uncached ones do.
     """
     info = split_info(spec, split)
     share = _worker_share(info, np.arange(len(info["shards"])), 1, 0)
@@ -1054,7 +1055,21 @@ def cache_source(spec, split: str, batch: int) -> tf.data.Dataset:
     )
     if spec.data.on_corrupt == "skip":  # As `_decoded`: bytes TF cannot decode.
         ds = ds.ignore_errors(log_warning=True)
-    return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch).map(functools.partial(_pad_ids, batch=batch))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _pad_ids(images, labels, ids, *, batch: int):
+    """A short batch padded to `batch` records: zero images, record id -1."""
+    missing = batch - tf.shape(ids)[0]
+    return (
+        tf.ensure_shape(
+            tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]]),
+            [batch, *images.shape[1:]],
+        ),
+        tf.ensure_shape(tf.pad(labels, [[0, missing]]), [batch]),
+        tf.ensure_shape(tf.pad(ids, [[0, missing]], constant_values=-1), [batch]),
+    )
 
 
 def feature_train_dataset(
@@ -1070,9 +1085,8 @@ def feature_train_dataset(
       (features [B, ...], labels int32 [B]) batches, as many as `train_dataset`.
     """
     gen, batch, batches = _train_stream(spec, epoch, start_step, input_context, tally)
-    ds = _features_dataset(gen, features).unbatch()
-    ds = ds.batch(batch, drop_remainder=True).take(batches)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = _features_dataset(gen, features, batch, drop_remainder=True)
+    return ds.take(batches).prefetch(tf.data.AUTOTUNE)
 
 
 def feature_eval_dataset(
@@ -1080,30 +1094,45 @@ def feature_eval_dataset(
 ) -> tf.data.Dataset:
     """`eval_dataset` on cached features: (features, labels, weights) batches."""
     gen, batch, batches = _eval_stream(spec, input_context, tally, pass_key)
-    ds = _features_dataset(gen, features).unbatch().batch(batch)
+    ds = _features_dataset(gen, features, batch, drop_remainder=False)
     ds = _padded(ds, batch, tf.TensorSpec(features.shape, features.dtype))
     return ds.take(batches).prefetch(tf.data.AUTOTUNE)
 
 
-def _features_dataset(gen, features) -> tf.data.Dataset:
-    """The reader's chunks with each record's cached features for its image.
+def _features_dataset(gen, features, batch: int, *, drop_remainder: bool):
+    """Batches of the cached features of the reader's records, in its order.
 
     The reader still reads and checks the records (cheap next to decoding
     and the backbone), which keeps the order, the skips and their tally
     exactly those of the uncached path. A record missing from the cache
     (its image failed to decode when the cache was built, with
-    data.on_corrupt = "skip") is dropped, as `_decoded` drops it.
+    data.on_corrupt = "skip") is dropped, as `_decoded` drops it. Batches
+    are gathered here, in one copy per record: large feature maps (7x7x2048
+    at 224 px) through tf.data's unbatch and batch cost more than the head.
     """
 
-    def chunks():
-        for _, labels, ids in gen():
-            rows, found = features.rows(ids)
-            yield features.values[rows[found]], labels[found]
+    def batches():
+        rows: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        have = 0
+        for _, chunk_labels, ids in gen():
+            found_rows, found = features.rows(ids)
+            rows.append(found_rows[found])
+            labels.append(chunk_labels[found])
+            have += int(found.sum())
+            while have >= batch:
+                rs, ls = np.concatenate(rows), np.concatenate(labels)
+                yield features.values[rs[:batch]], ls[:batch]
+                rows, labels, have = [rs[batch:]], [ls[batch:]], have - batch
+        if have and not drop_remainder:
+            yield features.values[np.concatenate(rows)], np.concatenate(labels)
 
     return tf.data.Dataset.from_generator(
-        chunks,
+        batches,
         output_signature=(
-            tf.TensorSpec([None, *features.shape], features.dtype),
-            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec(
+                [batch if drop_remainder else None, *features.shape], features.dtype
+            ),
+            tf.TensorSpec([batch if drop_remainder else None], tf.int32),
         ),
     )
