@@ -274,3 +274,61 @@ def test_check_plan_says_whether_and_how_big(digits, tmp_path, capsys):
         small.stdout
     )
     assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_cached_batches_hold_the_uncached_records_in_order(tmp_path):
+    """The same records, order, skips and tally, at any epoch and start step.
+
+    The "features" here are the image's first pixel (each image is one
+    value), so a batch of them names the records it holds.
+    """
+    from tests.test_input_pipeline import _example, batches, make_spec
+    from trainer import convert, feature_cache, input_pipeline, storage, tfrecord
+
+    def image(i: int) -> bytes:
+        return convert._encode_png(np.full((32, 32, 3), i, np.uint8))
+
+    records = [_example(label=i % 10, image=image(i)) for i in range(1, 60)]
+    records.insert(17, _example(label=99, image=image(200)))  # A bad label.
+    for name, part in (
+        ("train-00000-of-00002", records[:31]),
+        ("train-00001-of-00002", records[31:50]),
+        ("validation-00000-of-00001", records[50:]),
+    ):
+        blob = b"".join(tfrecord.frame_record(r) for r in part)
+        storage.write_bytes(f"{tmp_path}/{name}.tfrecord", blob)
+    spec = make_spec(str(tmp_path), batch=7, on_corrupt="skip", shuffle_buffer=16)
+
+    def cached(split: str) -> feature_cache.Features:
+        got = batches(input_pipeline.cache_source(spec, split, 7))
+        images, labels, ids = (np.concatenate(x) for x in zip(*got, strict=True))
+        real = ids >= 0
+        values = images[real][:, 0, 0, :1].astype(np.float32)
+        return feature_cache.Features(ids[real], labels[real], values)
+
+    train, validation = cached("train"), cached("validation")
+    assert len(train.labels) == 49  # The bad record is not in the cache.
+    tallies = input_pipeline.CorruptTally(), input_pipeline.CorruptTally()
+    for epoch, start in ((0, 0), (0, 3), (1, 0), (1, 5)):
+        kwargs = {"epoch": epoch, "start_step": start}
+        plain = batches(input_pipeline.train_dataset(spec, tally=tallies[0], **kwargs))
+        on_features = batches(
+            input_pipeline.feature_train_dataset(
+                spec, train, tally=tallies[1], **kwargs
+            )
+        )
+        assert len(plain) == len(on_features) == 49 // 7 - start
+        for (images, labels), (values, labels2) in zip(plain, on_features, strict=True):
+            assert images[:, 0, 0, 0].tolist() == values[:, 0].astype(int).tolist()
+            assert labels.tolist() == labels2.tolist()
+    assert tallies[0].entries() == tallies[1].entries()
+    assert tallies[0].summary()["train"]["skipped"] == 2  # Once per epoch.
+
+    plain = batches(input_pipeline.eval_dataset(spec))
+    on_features = batches(input_pipeline.feature_eval_dataset(spec, validation))
+    assert len(plain) == len(on_features)
+    for (images, labels, w), (values, labels2, w2) in zip(
+        plain, on_features, strict=True
+    ):
+        assert images[:, 0, 0, 0].tolist() == values[:, 0].astype(int).tolist()
+        assert labels.tolist() == labels2.tolist() and w.tolist() == w2.tolist()
