@@ -125,6 +125,10 @@ strategy = "mirorred"
             r"phases.transfer.epochs: received -1; expected >= 0",
         ),
         (
+            MINIMAL.replace("epochs = 1", "epochs = 0"),
+            r"phases: every phase has epochs = 0 \(skipped\)",
+        ),
+        (
             MINIMAL.replace("image_size = 32", "image_size = true"),
             r"data.image_size: received True; expected an integer",
         ),

@@ -472,11 +472,32 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
     positive(
         "runtime.collective_timeout_seconds", spec.runtime.collective_timeout_seconds
     )
+    _validate_phases(spec, problems)
+
+
+def _validate_phases(spec: JobSpec, problems: list[str]) -> None:
+    """Range checks of the `[[phases]]` entries."""
+    if spec.phases and not any(p.epochs for p in spec.phases):
+        problems.append(
+            "phases: every phase has epochs = 0 (skipped), so nothing would "
+            "train; give one phase epochs > 0"
+        )
     for p in spec.phases:
         # 0 skips the phase (e.g. `--set=phases.finetune.epochs=0`: head only).
-        non_negative(f"phases.{p.name}.epochs", p.epochs)
-        positive(f"phases.{p.name}.learning_rate", p.learning_rate)
-        non_negative(f"phases.{p.name}.steps_per_epoch", p.steps_per_epoch)
+        if p.epochs < 0:
+            problems.append(
+                f"phases.{p.name}.epochs: received {p.epochs!r}; expected >= 0"
+            )
+        if p.learning_rate <= 0:
+            problems.append(
+                f"phases.{p.name}.learning_rate: received {p.learning_rate!r}; "
+                "expected a positive number"
+            )
+        if p.steps_per_epoch < 0:
+            problems.append(
+                f"phases.{p.name}.steps_per_epoch: received "
+                f"{p.steps_per_epoch!r}; expected >= 0"
+            )
         if not p.trainable_from.strip():
             problems.append(
                 f'phases.{p.name}.trainable_from: empty; expected "none", "all" '
