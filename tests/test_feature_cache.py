@@ -192,6 +192,15 @@ def test_cache_is_rebuilt_when_uncommitted_or_the_shards_change(tmp_path):
     out = one_step()
     assert f"feature cache: reusing {workdir}/cache/{first}" in out
 
+    # A part whose bytes changed (same size) fails its CRC32: rebuilt too.
+    part = workdir / "cache" / first / "train-00000.npz"
+    blob = bytearray(part.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    part.write_bytes(bytes(blob))
+    out = one_step()
+    assert f"feature cache: {workdir}/cache/{first} has a damaged part" in out
+    assert f"computing backbone features into {workdir}/cache/{first}" in out
+
     time.sleep(0.01)  # A new modification time for every re-converted shard.
     convert.convert_sample_digits(str(data), shards=2)
     done = trainer("train", *args)

@@ -9,7 +9,8 @@ features depend on (the backbone's variable values, image size,
 preprocessing, dtypes, the record checks and every shard's URL, size and
 checksum or mtime), so a changed input gets a new folder and the old one is
 never read. A cache counts only once its `manifest.json`, written after
-every part, names the parts with their sizes: a half-written one is rebuilt.
+every part, names the parts with their sizes and CRC32s: a half-written or
+damaged one is rebuilt.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import io
 import json
 import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -192,6 +194,9 @@ def load_or_build(spec, model, rt, root: str, dtype: str) -> dict[str, Features]
         print(f"feature cache: reusing {url} ({time.perf_counter() - start:.1f}s)")
         return cached
     print(f"feature cache: computing backbone features into {url}")
+    # Uncommitted first: a manifest left from a damaged cache must not name
+    # parts that this build is rewriting.
+    storage.rm(storage.join(url, MANIFEST))
     built = build(spec, model, rt, url, dtype)
     records = sum(len(f.labels) for f in built.values())
     print(
@@ -211,14 +216,24 @@ def load(url: str) -> dict[str, Features] | None:
     for split, entry in manifest["splits"].items():
         arrays = []
         for part in entry["parts"]:
-            data = storage.read_bytes(storage.join(url, part["name"]))
-            if len(data) != part["bytes"]:
+            arrays.append(_read_part(storage.join(url, part["name"]), part))
+            if arrays[-1] is None:
                 print(f"feature cache: {url} has a damaged part; rebuilding it")
                 return None
-            with np.load(io.BytesIO(data)) as npz:
-                arrays.append((npz["ids"], npz["labels"], npz["values"]))
         out[split] = _joined(arrays, entry["shape"], manifest["dtype"])
     return out
+
+
+def _read_part(url: str, part: dict[str, Any]) -> tuple[np.ndarray, ...] | None:
+    """(ids, labels, values) of a part, None unless its size and CRC match."""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        return None
+    if len(data) != part["bytes"] or zlib.crc32(data) != part["crc32"]:
+        return None
+    with np.load(io.BytesIO(data)) as npz:
+        return npz["ids"], npz["labels"], npz["values"]
 
 
 def _joined(arrays, shape, dtype: str) -> Features:
@@ -297,8 +312,16 @@ def _write_parts(url: str, split: str, batches):
         buffer = io.BytesIO()
         np.savez(buffer, ids=ids, labels=labels, values=values)
         name = f"{split}-{len(parts):05d}.npz"
-        storage.write_bytes(storage.join(url, name), buffer.getvalue())
-        parts.append({"name": name, "records": len(ids), "bytes": buffer.tell()})
+        data = buffer.getvalue()
+        storage.write_bytes(storage.join(url, name), data)
+        parts.append(
+            {
+                "name": name,
+                "records": len(ids),
+                "bytes": len(data),
+                "crc32": zlib.crc32(data),
+            }
+        )
         arrays.append((ids, labels, values))
         pending.clear()
 
