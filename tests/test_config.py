@@ -121,8 +121,12 @@ strategy = "mirorred"
             r"phases.transfer.epochs: received 'one'; expected an integer",
         ),
         (
+            MINIMAL.replace("epochs = 1", "epochs = -1"),
+            r"phases.transfer.epochs: received -1; expected >= 0",
+        ),
+        (
             MINIMAL.replace("epochs = 1", "epochs = 0"),
-            r"phases.transfer.epochs: received 0; expected a positive",
+            r"phases: every phase has epochs = 0 \(skipped\)",
         ),
         (
             MINIMAL.replace("image_size = 32", "image_size = true"),

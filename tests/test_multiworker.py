@@ -134,6 +134,11 @@ def test_vertex_cluster_spec_runs_two_workers_and_only_the_chief_writes(referenc
     url, prefix, runs = reference
     bucket = Bucket(url)
     assert all("multiworker x2" in run.stdout for run in runs)
+    # data.cache_features = "auto": several workers train the frozen phase uncached.
+    assert all(
+        "phase 'transfer' on cached features: no (2 workers" in run.stdout
+        for run in runs
+    )
     owner = json.loads(bucket.read(f"{prefix}checkpoints/OWNER"))
     assert owner["pid"] == runs[0].proc.pid  # workerpool0 is the chief.
     s = summary(bucket, prefix)

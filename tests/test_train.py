@@ -501,3 +501,25 @@ def test_a_changed_global_batch_is_refused_on_resume(digits, tmp_path, capsys):
         proc, r"train.global_batch_size = 8 \(it was 16\).*keep 16.*new --workdir"
     )
     assert sorted(p.name for p in workdir.iterdir()) == ["job.json"]
+
+
+@pytest.mark.slow
+def test_a_phase_of_zero_epochs_is_skipped(digits, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    proc = trainer(
+        "train", *job_args(digits, str(workdir), "--set=phases.transfer.epochs=0")
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "phase 'transfer' skipped (epochs = 0)" in proc.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert [h["phase"] for h in summary["history"]] == ["finetune"]
+    assert summary["global_step"] == 2
+    assert (workdir / "export" / "model.keras").exists()
+
+    negative = run(
+        capsys,
+        "train",
+        *job_args(digits, str(tmp_path / "neg"), "--set=phases.finetune.epochs=-1"),
+    )
+    assert_bad_input(negative, r"phases.finetune.epochs: received -1; expected >= 0")

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from trainer import (  # noqa: E402
     config,
+    feature_cache,
     input_pipeline,
     models,
     steps,
@@ -42,9 +43,14 @@ def check(
         with rt.strategy.scope():
             model = models.build_model(spec)
         weight_bytes = _nbytes(model.variables)
+        feature_cache.check_spec(spec, rt, model)
         for phase in spec.phases:
             row = _dry_run(spec, rt, model, phase, dry_run_steps)
             row["checkpoint_bytes"] += weight_bytes
+            # The dry run itself reads images: it writes no cache.
+            row["feature_cache"] = feature_cache.decide(
+                spec, phase, rt, model
+            ).describe()
             plan["phases"].append(row)
     _print_plan(plan)
     return plan
@@ -72,6 +78,15 @@ def _dry_run(spec, rt, model, phase, n: int) -> dict[str, Any]:
     """`n` steps of `phase` with a tiny batch; the phase's row of the plan."""
     train.set_trainable(model, spec, phase)
     trainable = models.count_params(model)["trainable"]
+    if phase.epochs == 0:
+        return {
+            "name": phase.name,
+            "epochs": 0,
+            "trainable_from": phase.trainable_from,
+            "trainable_params": trainable,
+            "checkpoint_bytes": 0,
+            "dry_run": "skipped (epochs = 0)",
+        }
     jit = train.resolve_jit(spec, phase, rt)
     with rt.strategy.scope():
         optimizer = steps.make_optimizer(

@@ -50,6 +50,13 @@ class DataConfig:
     read_parallelism: int = 0
     # Records in the shuffle window of the training stream (exactly resumable).
     shuffle_buffer: int = 10_000
+    # Backbone features of frozen, unaugmented phases computed once and kept
+    # under {workdir}/cache/ (feature_cache.py): "auto" when they fit the budget.
+    cache_features: Union[bool, Literal["auto"]] = "auto"
+    # Storage dtype: "auto" is the backbone's output dtype (lossless).
+    cache_dtype: Literal["auto", "float16", "float32"] = "auto"
+    # MiB of features (both splits, held in host memory) that "auto" accepts.
+    cache_budget_mb: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,6 +439,7 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
     positive("data.num_classes", d.num_classes)
     non_negative("data.read_parallelism", d.read_parallelism)
     non_negative("data.shuffle_buffer", d.shuffle_buffer)
+    non_negative("data.cache_budget_mb", d.cache_budget_mb)
     if d.class_names and len(d.class_names) != max(d.num_classes, 2):
         problems.append(
             f"data.class_names: received {len(d.class_names)} names; expected "
@@ -465,10 +473,32 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
     positive(
         "runtime.collective_timeout_seconds", spec.runtime.collective_timeout_seconds
     )
+    _validate_phases(spec, problems)
+
+
+def _validate_phases(spec: JobSpec, problems: list[str]) -> None:
+    """Range checks of the `[[phases]]` entries."""
+    if spec.phases and not any(p.epochs for p in spec.phases):
+        problems.append(
+            "phases: every phase has epochs = 0 (skipped), so nothing would "
+            "train; give one phase epochs > 0"
+        )
     for p in spec.phases:
-        positive(f"phases.{p.name}.epochs", p.epochs)
-        positive(f"phases.{p.name}.learning_rate", p.learning_rate)
-        non_negative(f"phases.{p.name}.steps_per_epoch", p.steps_per_epoch)
+        # 0 skips the phase (e.g. `--set=phases.finetune.epochs=0`: head only).
+        if p.epochs < 0:
+            problems.append(
+                f"phases.{p.name}.epochs: received {p.epochs!r}; expected >= 0"
+            )
+        if p.learning_rate <= 0:
+            problems.append(
+                f"phases.{p.name}.learning_rate: received {p.learning_rate!r}; "
+                "expected a positive number"
+            )
+        if p.steps_per_epoch < 0:
+            problems.append(
+                f"phases.{p.name}.steps_per_epoch: received "
+                f"{p.steps_per_epoch!r}; expected >= 0"
+            )
         if not p.trainable_from.strip():
             problems.append(
                 f'phases.{p.name}.trainable_from: empty; expected "none", "all" '

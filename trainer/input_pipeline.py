@@ -927,6 +927,15 @@ def train_dataset(
       batch, exactly (steps_per_epoch - start_step) * replicas-on-this-worker
       of them (that is steps_per_epoch - start_step without an input context).
     """
+    gen, batch, batches = _train_stream(spec, epoch, start_step, input_context, tally)
+    ds = _decoded(spec, _records_dataset(gen), epoch)
+    ds = ds.batch(batch, drop_remainder=True).take(batches)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _train_stream(spec, epoch: int, start_step: int, input_context, tally):
+    """(generator factory of the epoch's record chunks from `start_step` on,
+    per-replica batch, batches this worker yields)."""
     info = split_info(spec, "train")
     steps = _steps(spec, info["records"])
     if not 0 <= start_step <= steps:
@@ -937,9 +946,7 @@ def train_dataset(
     batch = _per_replica(input_context, spec.train.global_batch_size)
     start = start_step * spec.train.global_batch_size  # Records all workers gave.
     gen = _train_records(spec, info, epoch, start, input_context, tally)
-    ds = _decoded(spec, _records_dataset(gen), epoch)
-    ds = ds.batch(batch, drop_remainder=True).take((steps - start_step) * local)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return gen, batch, (steps - start_step) * local
 
 
 def eval_dataset(
@@ -965,6 +972,16 @@ def eval_dataset(
     Returns:
       The batches of this worker, B the per-replica eval batch.
     """
+    gen, batch, batches = _eval_stream(spec, input_context, tally, pass_key)
+    ds = _decoded(spec, _records_dataset(gen), None).batch(batch)
+    size = spec.data.image_size
+    ds = _padded(ds, batch, tf.TensorSpec([size, size, 3], tf.uint8))
+    return ds.take(batches).prefetch(tf.data.AUTOTUNE)
+
+
+def _eval_stream(spec, input_context, tally, pass_key: int):
+    """(generator factory of this worker's validation chunks, per-replica
+    batch, batches every worker yields)."""
     info = split_info(spec, "validation")
     workers, worker, local = _workers(input_context)
     global_batch = spec.train.eval_batch_size or spec.train.global_batch_size
@@ -978,20 +995,21 @@ def eval_dataset(
     gen = functools.partial(
         _eval_records, share, _reading(spec, skip), _parallelism(spec)
     )
-    ds = _decoded(spec, _records_dataset(gen), None).batch(batch)
-    ds = _padded(ds, batch, spec.data.image_size)
-    return ds.take(steps * local).prefetch(tf.data.AUTOTUNE)
+    return gen, batch, steps * local
 
 
-def _padded(ds: tf.data.Dataset, batch: int, size: int) -> tf.data.Dataset:
-    """Weighted batches of `batch`, then zero batches of weight 0.0 forever."""
+def _padded(ds: tf.data.Dataset, batch: int, item: tf.TensorSpec) -> tf.data.Dataset:
+    """Weighted batches of `batch`, then zero batches of weight 0.0 forever.
+
+    `item` is the shape and dtype of one example (an image, or its features).
+    """
     # Padding whole batches, not records: a concatenate right behind the
     # parallel decode makes op determinism rewrite that decode into a
     # sequential MapDataset (one core, and an "E0000 NodeDef mentions
     # attribute use_unbounded_threadpool" line on stderr).
     zeros = tf.data.Dataset.from_tensors(
         (
-            tf.zeros([batch, size, size, 3], tf.uint8),
+            tf.zeros([batch, *item.shape], item.dtype),
             tf.zeros([batch], tf.int32),
             tf.zeros([batch], tf.float32),
         )
@@ -1003,11 +1021,122 @@ def _pad_batch(images, labels, *, batch: int):
     """Weights 1.0 for a batch's examples; a short last batch is padded to
     `batch` with zero images of weight 0.0."""
     missing = batch - tf.shape(labels)[0]
-    images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
+    images = tf.pad(images, [[0, missing]] + [[0, 0]] * (images.shape.rank - 1))
     weights = tf.pad(tf.ones_like(labels, tf.float32), [[0, missing]])
     labels = tf.pad(labels, [[0, missing]])
     return (
         tf.ensure_shape(images, [batch, *images.shape[1:]]),
         tf.ensure_shape(labels, [batch]),
         tf.ensure_shape(weights, [batch]),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Cached backbone features (feature_cache.py): the same records in the same
+# order as above, with their backbone features in place of the images
+
+
+def cache_source(spec, split: str, batch: int) -> tf.data.Dataset:
+    """Every record of `split` once, in shard order, decoded without augmentation.
+
+    Batches of (images uint8, labels int32, record ids int64), all of `batch`
+    records (one traced shape): the last one is padded with record id -1.
+    Records the reader skips as corrupt are left out: the passes that read
+    the cached features skip (and count) them again, as uncached ones do.
+    """
+    info = split_info(spec, split)
+    share = _worker_share(info, np.arange(len(info["shards"])), 1, 0)
+    gen = functools.partial(_eval_records, share, _reading(spec), _parallelism(spec))
+    decode = _decode_fn(spec, epoch=None)
+    ds = (
+        _records_dataset(gen)
+        .unbatch()
+        .map(
+            lambda image, label, rid: (*decode(image, label, rid), rid),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    )
+    if spec.data.on_corrupt == "skip":  # As `_decoded`: bytes TF cannot decode.
+        ds = ds.ignore_errors(log_warning=True)
+    ds = ds.batch(batch).map(functools.partial(_pad_ids, batch=batch))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _pad_ids(images, labels, ids, *, batch: int):
+    """A short batch padded to `batch` records: zero images, record id -1."""
+    missing = batch - tf.shape(ids)[0]
+    return (
+        tf.ensure_shape(
+            tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]]),
+            [batch, *images.shape[1:]],
+        ),
+        tf.ensure_shape(tf.pad(labels, [[0, missing]]), [batch]),
+        tf.ensure_shape(tf.pad(ids, [[0, missing]], constant_values=-1), [batch]),
+    )
+
+
+def feature_train_dataset(
+    spec, features, *, epoch: int, start_step: int = 0, input_context=None, tally=None
+) -> tf.data.Dataset:
+    """`train_dataset` on cached features: the same records in the same order.
+
+    Args:
+      spec, epoch, start_step, input_context, tally: as for `train_dataset`.
+      features: the split's cached features (`feature_cache.Features`).
+
+    Returns:
+      (features [B, ...], labels int32 [B]) batches, as many as `train_dataset`.
+    """
+    gen, batch, batches = _train_stream(spec, epoch, start_step, input_context, tally)
+    ds = _features_dataset(gen, features, batch, drop_remainder=True)
+    return ds.take(batches).prefetch(tf.data.AUTOTUNE)
+
+
+def feature_eval_dataset(
+    spec, features, *, input_context=None, tally=None, pass_key: int = 0
+) -> tf.data.Dataset:
+    """`eval_dataset` on cached features: (features, labels, weights) batches."""
+    gen, batch, batches = _eval_stream(spec, input_context, tally, pass_key)
+    ds = _features_dataset(gen, features, batch, drop_remainder=False)
+    ds = _padded(ds, batch, tf.TensorSpec(features.shape, features.dtype))
+    return ds.take(batches).prefetch(tf.data.AUTOTUNE)
+
+
+def _features_dataset(gen, features, batch: int, *, drop_remainder: bool):
+    """Batches of the cached features of the reader's records, in its order.
+
+    The reader still reads and checks the records (cheap next to decoding
+    and the backbone), which keeps the order, the skips and their tally
+    exactly those of the uncached path. A record missing from the cache
+    (its image failed to decode when the cache was built, with
+    data.on_corrupt = "skip") is dropped, as `_decoded` drops it. Batches
+    are gathered here, in one copy per record: large feature maps (7x7x2048
+    at 224 px) through tf.data's unbatch and batch cost more than the head.
+    """
+
+    def batches():
+        rows: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        have = 0
+        for _, chunk_labels, ids in gen():
+            found_rows, found = features.rows(ids)
+            rows.append(found_rows[found])
+            labels.append(chunk_labels[found])
+            have += int(found.sum())
+            while have >= batch:
+                rs, ls = np.concatenate(rows), np.concatenate(labels)
+                yield features.values[rs[:batch]], ls[:batch]
+                rows, labels, have = [rs[batch:]], [ls[batch:]], have - batch
+        if have and not drop_remainder:
+            yield features.values[np.concatenate(rows)], np.concatenate(labels)
+
+    return tf.data.Dataset.from_generator(
+        batches,
+        output_signature=(
+            tf.TensorSpec(
+                [batch if drop_remainder else None, *features.shape], features.dtype
+            ),
+            tf.TensorSpec([batch if drop_remainder else None], tf.int32),
+        ),
     )

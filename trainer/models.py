@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import os
 import re
 import tempfile
@@ -622,6 +623,61 @@ def build_model(spec: config.JobSpec) -> keras.Model:
     else:
         out = keras.layers.Dense(n, "softmax", dtype="float32", name="head_output")
     return keras.Model(inputs, out(x), name="classifier")
+
+
+# The model as two computations, for cached features (feature_cache.py):
+# backbone_features(images) then apply_head(features) is model(images), with
+# the model's own layers and variables, so a phase trained on cached features
+# leaves a normal checkpoint of the whole model.
+
+
+def backbone_features(model: keras.Model, images):
+    """Preprocess and backbone, in inference mode: what the head sees."""
+    x = model.get_layer("preprocess")(images)
+    return model.get_layer("backbone")(x, training=False)
+
+
+def head_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers after the backbone (pooling, dense, dropout, output), in order."""
+    layers = model.layers
+    return layers[layers.index(model.get_layer("backbone")) + 1 :]
+
+
+def apply_head(model: keras.Model, features, training: bool = False):
+    """The head on backbone features: the model's output for those images."""
+    x = features
+    for layer in head_layers(model):
+        x = layer(x, training=training)
+    return x
+
+
+def feature_shape(model: keras.Model) -> tuple[int, ...]:
+    """Shape of one image's backbone output (e.g. (1, 1, 2048) at 32 px)."""
+    return tuple(int(d) for d in model.get_layer("backbone").output.shape[1:])
+
+
+def training_dependent_layers(model: keras.Model) -> list[str]:
+    """Backbone layers that compute differently in training: not cacheable.
+
+    Dropout-like layers (EfficientNet's, ConvNeXt's stochastic depth) still
+    drop when the outer model is called with training=True, even frozen;
+    frozen BatchNormalization runs in inference mode and is fine.
+    """
+    noisy = ("Dropout", "Noise", "StochasticDepth")
+    return [
+        layer.name
+        for layer in model.get_layer("backbone").layers
+        if any(n in type(layer).__name__ for n in noisy)
+    ]
+
+
+def backbone_digest(model: keras.Model) -> str:
+    """A hash of every backbone variable's value (weights, BatchNorm statistics)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for v in model.get_layer("backbone").variables:
+        digest.update(v.path.encode())
+        digest.update(np.ascontiguousarray(ops.convert_to_numpy(v)).tobytes())
+    return digest.hexdigest()
 
 
 def count_params(model: keras.Model) -> dict[str, int]:

@@ -50,7 +50,15 @@ def per_example(num_classes: int, labels, outputs):
 
 
 def make_train_step(
-    model, optimizer, strategy, *, num_classes, global_batch, jit, agree=True
+    model,
+    optimizer,
+    strategy,
+    *,
+    num_classes,
+    global_batch,
+    jit,
+    agree=True,
+    forward=None,
 ):
     """A `tf.function` running `n` steps (steps_per_execution) per call.
 
@@ -66,7 +74,10 @@ def make_train_step(
       "stop"}: sums over the `n` global batches; "stop" > 0 when any
       worker's flag was set (never, with `agree=False`: the flag is left out
       of the all-reduce; benchmarks/scaling.py measures the difference).
+      `forward(inputs, training=...)` computes the outputs (default: the
+      model on images; the head on cached features, feature_cache.py).
     """
+    forward = model if forward is None else forward
 
     def replica_step(images, labels, flag):
         # Watch only what this phase trains. Keras' frozen layers keep their
@@ -75,7 +86,7 @@ def make_train_step(
         # compiles it, and op determinism rejects its MaxPool gradient).
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch([v.value for v in model.trainable_variables])
-            outputs = model(tf.cast(images, tf.float32), training=True)
+            outputs = forward(tf.cast(images, tf.float32), training=True)
             loss, correct, _ = per_example(num_classes, labels, outputs)
             # Sum over the replica's examples / the global batch: summed across
             # replicas this is the mean over the global batch.
@@ -90,6 +101,11 @@ def make_train_step(
         return tf.stack(sums + ([tf.cast(flag, tf.float32)] if agree else []))
 
     replica_fn = tf.function(replica_step, jit_compile=jit) if jit else replica_step
+    return _n_steps(strategy, replica_fn, agree)
+
+
+def _n_steps(strategy, replica_fn, agree: bool):
+    """`train_steps(iterator, n, flag)`: `n` replica steps, their sums all-reduced."""
 
     def reduce(value):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
@@ -107,12 +123,16 @@ def make_train_step(
     return train_steps
 
 
-def make_eval_step(model, strategy, *, num_classes: int):
-    """A `tf.function` of one weighted validation batch: sums and confusion matrix."""
+def make_eval_step(model, strategy, *, num_classes: int, forward=None):
+    """A `tf.function` of one weighted validation batch: sums and confusion matrix.
+
+    `forward` as for `make_train_step`.
+    """
     matrix_size = max(num_classes, 2)
+    forward = model if forward is None else forward
 
     def replica_step(images, labels, weights):
-        outputs = model(tf.cast(images, tf.float32), training=False)
+        outputs = forward(tf.cast(images, tf.float32), training=False)
         loss, correct, pred = per_example(num_classes, labels, outputs)
         confusion = tf.math.confusion_matrix(
             tf.cast(labels, tf.int32),
@@ -139,13 +159,21 @@ def make_eval_step(model, strategy, *, num_classes: int):
     return eval_step
 
 
-def evaluate(eval_fn, spec, strategy, tally=None, pass_key=0) -> dict[str, Any]:
-    """`val_loss`, `val_accuracy` and the confusion matrix over `data.validation`."""
-    dataset = strategy.distribute_datasets_from_function(
-        lambda ctx: input_pipeline.eval_dataset(
-            spec, input_context=ctx, tally=tally, pass_key=pass_key
-        )
-    )
+def evaluate(
+    eval_fn, spec, strategy, tally=None, pass_key=0, features=None
+) -> dict[str, Any]:
+    """`val_loss`, `val_accuracy` and the confusion matrix over `data.validation`.
+
+    With `features` (the split's cached features) the batches hold those.
+    """
+
+    def dataset_fn(ctx):
+        kwargs = {"input_context": ctx, "tally": tally, "pass_key": pass_key}
+        if features is None:
+            return input_pipeline.eval_dataset(spec, **kwargs)
+        return input_pipeline.feature_eval_dataset(spec, features, **kwargs)
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
     total: dict[str, Any] = {}
     for images, labels, weights in dataset:
         accumulate(total, to_numpy(eval_fn(images, labels, weights)))

@@ -161,6 +161,18 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
+@_explained("read")
+def fingerprint(url: str) -> str:
+    """What changes when the object at `url` is rewritten: size and checksum
+    (object stores), else size and modification time (local disks)."""
+    fs, path = filesystem(url)
+    info = fs.info(path)
+    for key in ("crc32c", "md5Hash", "ETag", "etag", "generation", "mtime"):
+        if info.get(key) is not None:
+            return f"{info.get('size')}:{key}={info[key]}"
+    return f"{info.get('size')}"
+
+
 @_explained("list")
 def glob(pattern: str) -> list[str]:
     """Sorted URLs matching `pattern`, with the pattern's scheme kept."""

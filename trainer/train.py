@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from trainer import (  # noqa: E402
     checkpoint,
     config,
     export,
+    feature_cache,
     input_pipeline,
     models,
     preemption,
@@ -192,6 +194,7 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
         model = models.build_model(spec)
     for phase in spec.phases:  # A typo in phase 2 fails now, not in an hour.
         set_trainable(model, spec, phase)
+    feature_cache.check_spec(spec, rt, model)
     state, arrays = _restore(ckpt, spec)
     watcher = preemption.PreemptionWatcher(
         deadline_seconds=deadline_seconds,
@@ -312,11 +315,19 @@ class _Run:
     def _train_phase(self, arrays) -> None:
         """One phase from the state on: epochs of steps, validation, checkpoints."""
         spec, phase, rt = self.spec, self.phase, self.rt
+        if phase.epochs == 0:
+            self._skip_phase(phase, arrays)
+            return
         set_trainable(self.model, spec, phase)
         jit = self._jit(phase)
         optimizer = self._optimizer(phase, arrays)
         per_epoch = phase_steps(spec, phase)
         self._print_phase(phase, jit, per_epoch)
+        # After the restore: the cache key hashes the backbone's weights.
+        features = self._features(phase, per_epoch)
+        forward = None
+        if features is not None:  # The head alone, on the cached features.
+            forward = functools.partial(models.apply_head, self.model)
         train_fn = steps.make_train_step(
             self.model,
             optimizer,
@@ -324,13 +335,14 @@ class _Run:
             num_classes=spec.data.num_classes,
             global_batch=spec.train.global_batch_size,
             jit=jit,
+            forward=forward,
         )
         eval_fn = steps.make_eval_step(
-            self.model, rt.strategy, num_classes=spec.data.num_classes
+            self.model, rt.strategy, num_classes=spec.data.num_classes, forward=forward
         )
         while (epoch := self.state.position(per_epoch)[0]) < phase.epochs:
-            self._train_epoch(train_fn, optimizer, per_epoch)
-            if self._end_epoch(eval_fn, optimizer, epoch):
+            self._train_epoch(train_fn, optimizer, per_epoch, features)
+            if self._end_epoch(eval_fn, optimizer, epoch, features):
                 break  # Early stopping.
         # Phase boundary: the next start resumes with the next phase's fresh optimizer.
         self.state.phase_starts.append(self.state.global_step)
@@ -338,11 +350,30 @@ class _Run:
         history = self.state.history
         self._save(None, metric=history[-1][spec.train.monitor] if history else None)
 
-    def _train_epoch(self, train_fn, optimizer, per_epoch: int) -> None:
+    def _features(self, phase, per_epoch: int):
+        """The cached features {split: Features} this phase trains on, or None."""
+        if self.state.position(per_epoch)[0] >= phase.epochs:
+            return None  # Resumed at the phase's end: nothing left to train.
+        decision = feature_cache.decide(self.spec, phase, self.rt, self.model)
+        print(f"phase {phase.name!r} on cached features: {decision.describe()}")
+        if not decision.use:
+            return None
+        return feature_cache.load_or_build(
+            self.spec, self.model, self.rt, self.root, decision.dtype
+        )
+
+    def _skip_phase(self, phase, arrays) -> None:
+        """`epochs = 0`: the phase trains nothing; the run goes on to the next."""
+        print(f"phase {phase.name!r} skipped (epochs = 0)")
+        if arrays is not None:  # Resumed at its start: the weights still count.
+            models.assign_variables(self.model, None, _model_arrays(arrays))
+        self.state.phase_starts.append(self.state.global_step)
+
+    def _train_epoch(self, train_fn, optimizer, per_epoch: int, features) -> None:
         """The current epoch's remaining steps, with periodic and preemption saves."""
         spec, state = self.spec, self.state
         epoch, step = state.position(per_epoch)
-        iterator = iter(self._train_data(epoch, step, per_epoch))
+        iterator = iter(self._train_data(epoch, step, per_epoch, features))
         print(f"{self.phase.name} epoch {epoch + 1}/{self.phase.epochs}")
         bar = keras.utils.Progbar(per_epoch, verbose=_progbar_verbosity())
         bar.update(step)
@@ -367,18 +398,29 @@ class _Run:
             if itstime(state.global_step, every):
                 self._save(optimizer)
 
-    def _train_data(self, epoch: int, step: int, per_epoch: int):
-        """The epoch's batches from `step` on, distributed over the replicas."""
+    def _train_data(self, epoch: int, step: int, per_epoch: int, features):
+        """The epoch's batches from `step` on, distributed over the replicas.
+
+        With `features`, the same records' cached features in the same order.
+        """
         key = self._epoch_key(epoch)
-        return self.rt.strategy.distribute_datasets_from_function(
-            lambda ctx: input_pipeline.train_dataset(
-                self.spec,
-                epoch=key,
-                start_step=step,
-                input_context=ctx,
-                tally=self.state.corrupt,
-            ).take((per_epoch - step) * steps.local_replicas(ctx))
-        )
+
+        def dataset_fn(ctx):
+            kwargs = {
+                "epoch": key,
+                "start_step": step,
+                "input_context": ctx,
+                "tally": self.state.corrupt,
+            }
+            if features is None:
+                ds = input_pipeline.train_dataset(self.spec, **kwargs)
+            else:
+                ds = input_pipeline.feature_train_dataset(
+                    self.spec, features["train"], **kwargs
+                )
+            return ds.take((per_epoch - step) * steps.local_replicas(ctx))
+
+        return self.rt.strategy.distribute_datasets_from_function(dataset_fn)
 
     def _run_steps(self, train_fn, iterator, n: int) -> dict[str, Any] | None:
         """`n` training steps' sums; None when the epoch's data ran out first."""
@@ -432,11 +474,16 @@ class _Run:
             self._save(optimizer, blocking=True)
             raise preemption.Preempted(reason)
 
-    def _end_epoch(self, eval_fn, optimizer, epoch: int) -> bool:
+    def _end_epoch(self, eval_fn, optimizer, epoch: int, features) -> bool:
         """Validation, the epoch's record and checkpoint; True to stop early."""
         spec, state = self.spec, self.state
         val = steps.evaluate(
-            eval_fn, spec, self.rt.strategy, state.corrupt, self._epoch_key(epoch)
+            eval_fn,
+            spec,
+            self.rt.strategy,
+            state.corrupt,
+            self._epoch_key(epoch),
+            features=None if features is None else features["validation"],
         )
         record = {
             "phase": self.phase.name,

@@ -13,6 +13,7 @@ from trainer import storage
 # {workdir}/eval/               `trainer evaluate`'s metrics, matrix as JSON and PNG
 # {workdir}/logs/               TensorBoard event files
 # {workdir}/plots/              PNG plots
+# {workdir}/cache/              backbone features of frozen phases (feature_cache.py)
 
 
 def job(workdir: str) -> str:
@@ -54,3 +55,7 @@ def logs(workdir: str) -> str:
 
 def plot(workdir: str, name: str) -> str:
     return storage.join(workdir, "plots", name)
+
+
+def feature_cache(workdir: str, key: str) -> str:
+    return storage.join(workdir, "cache", f"features-{key}")
