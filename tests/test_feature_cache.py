@@ -165,13 +165,20 @@ def test_cache_is_rebuilt_when_uncommitted_or_the_shards_change(tmp_path):
     from trainer import convert
 
     data, workdir = tmp_path / "digits", tmp_path / "run"
-    convert.convert_sample_digits(str(data), shards=2)
+    convert.convert_sample_digits(str(data), shards=7)
     args = job_args(
         str(data),
         str(workdir),
         "data.cache_features=true",
         "phases.transfer.epochs=1",
         "phases.finetune.epochs=0",
+        # The cache's bookkeeping is the point: a small backbone, one shard
+        # a split, so each of the four builds is quick.
+        "model.backbone=mobilenetv2",
+        "model.dense=[32]",
+        "phases.finetune.trainable_from=block_16_expand",
+        f"data.train={data}/train-00000-of-00007.tfrecord",
+        f"data.validation={data}/validation-00000-of-00007.tfrecord",
     )
 
     def one_step() -> str:
@@ -202,7 +209,7 @@ def test_cache_is_rebuilt_when_uncommitted_or_the_shards_change(tmp_path):
     assert f"computing backbone features into {workdir}/cache/{first}" in out
 
     time.sleep(0.01)  # A new modification time for every re-converted shard.
-    convert.convert_sample_digits(str(data), shards=2)
+    convert.convert_sample_digits(str(data), shards=7)
     done = trainer("train", *args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     second = [f for f in cache_folders(workdir) if f != first]
