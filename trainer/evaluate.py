@@ -27,28 +27,13 @@ from trainer import (  # noqa: E402,F401  (models registers the preprocessing la
 from trainer.errors import DataError, NotFound  # noqa: E402
 
 
-def load_spec(root: str) -> config.JobSpec:
-    """The job spec of the run in `root`, with its class names resolved.
-
-    Raises:
-      NotFound: `root` holds no run.
-    """
-    job_url = workdir.job(root)
-    if not storage.exists(job_url):
-        raise NotFound(
-            f"{job_url} not found: is {root} the --workdir of a `trainer train` run?"
-        )
-    # Runs from before job.json recorded the manifest's names find them now.
-    return input_pipeline.with_class_names(config.from_dict(storage.read_json(job_url)))
-
-
 def load_run(root: str) -> tuple[config.JobSpec, keras.Model]:
     """The job spec and exported Keras model of a completed run.
 
     Raises:
       NotFound: naming what is missing and the remedy.
     """
-    spec = load_spec(root)
+    spec = export.load_spec(root)
     model_url = workdir.model(root)
     if not storage.exists(model_url):
         raise NotFound(
@@ -171,7 +156,7 @@ def predict(root: str, urls: list[str]) -> list[dict[str, Any]]:
     Uses the exported SavedModel (the serving signature, bytes in); a run
     exported before it existed has only model.keras, used the same way.
     """
-    spec = load_spec(root)
+    spec = export.load_spec(root)
     serving = export.load_serving(root)
     keras_model = None if serving is not None else load_run(root)[1]
     names, binary = spec.class_names(), spec.data.num_classes == 1
@@ -204,9 +189,9 @@ def _read_image(url: str) -> bytes:
 
 def _result(url: str, probs: np.ndarray, names: list[str], binary: bool) -> dict:
     """One image's prediction; a binary job's output is P(names[1])."""
+    cls = int(steps.classes(probs[None], 1 if binary else len(names))[0])
     if binary:
         positive = float(probs[0])
-        cls = int(positive > 0.5)  # The rule of steps.classes.
         p = positive if cls else 1.0 - positive
         return {
             "url": url,
@@ -215,7 +200,6 @@ def _result(url: str, probs: np.ndarray, names: list[str], binary: bool) -> dict
             "probability": p,
             "positive": positive,
         }
-    cls = int(np.argmax(probs))
     return {
         "url": url,
         "class": cls,

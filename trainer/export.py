@@ -264,6 +264,21 @@ def load_serving(root: str):
         return tf.saved_model.load(tmp)
 
 
+def load_spec(root: str) -> config.JobSpec:
+    """The job spec of the run in `root`, with its class names resolved.
+
+    Raises:
+      NotFound: `root` holds no run.
+    """
+    job_url = workdir.job(root)
+    if not storage.exists(job_url):
+        raise NotFound(
+            f"{job_url} not found: is {root} the --workdir of a `trainer train` run?"
+        )
+    # Runs from before job.json recorded the manifest's names find them now.
+    return input_pipeline.with_class_names(config.from_dict(storage.read_json(job_url)))
+
+
 def run_export(root: str, step: int | None = None) -> dict[str, Any]:
     """`trainer export`: re-exports the workdir's run from a committed checkpoint.
 
@@ -274,12 +289,7 @@ def run_export(root: str, step: int | None = None) -> dict[str, Any]:
     Returns:
       The export record (see `export_step`).
     """
-    job_url = workdir.job(root)
-    if not storage.exists(job_url):
-        raise NotFound(
-            f"{job_url} not found: is {root} the --workdir of a `trainer train` run?"
-        )
-    spec = input_pipeline.with_class_names(config.from_dict(storage.read_json(job_url)))
+    spec = load_spec(root)
     chosen, weights = choose_step(root, spec, step)
     record = export_step(root, spec, chosen, weights)
     print(reports.describe_export(record))
