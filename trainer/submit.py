@@ -626,7 +626,8 @@ def _render_kaggle(
         to attach its previous version's output (a /kaggle/working workdir).
     """
     accelerator, machine_shape = _kaggle_machine(opts)
-    session_spec(spec, "kaggle", accelerator)  # A bad combination fails here.
+    # A bad combination fails here, not in the session.
+    session_spec(spec, "kaggle", accelerator, machine_shape=opts.machine_shape)
     kernel_id = _kaggle_kernel_id(spec, opts)
     slug = kernel_id.split("/", 1)[1]
     on_working = storage.is_local(workdir)
@@ -683,7 +684,11 @@ def _setting(flag: str, value: str) -> str:
 
 
 def session_spec(
-    spec: config.JobSpec, platform: str, accelerator: str, flag: str = "--accelerator"
+    spec: config.JobSpec,
+    platform: str,
+    accelerator: str,
+    flag: str = "--accelerator",
+    machine_shape: str = "",
 ) -> config.JobSpec:
     """`spec` as a Kaggle or Colab session with `accelerator` runs it.
 
@@ -697,6 +702,8 @@ def session_spec(
       accelerator: "none", "gpu" or "tpu".
       flag: what the user set the accelerator with, for the error message
         (`--accelerator` for submit, `ACCELERATOR` in a notebook).
+      machine_shape: Kaggle's `--machine_shape`, when the user chose the
+        accelerator with it.
 
     Raises:
       SubmitError: an unknown accelerator, or a TPU with
@@ -706,12 +713,16 @@ def session_spec(
     if accelerator != "tpu":
         return spec
     if spec.runtime.backend == "tensorflow":
+        chosen, gpu = _setting(flag, "tpu"), _setting(flag, "gpu")
+        if machine_shape:
+            chosen = f"--machine_shape={machine_shape}"
+            gpu = f"--machine_shape={KAGGLE_DEFAULT_SHAPE['gpu']}"
         raise SubmitError(
-            f"runtime.backend: received 'tensorflow' with {_setting(flag, 'tpu')} "
-            f"on {platform.title()}; {_NO_TF_ON_TPU[platform]}, so a TPU session "
+            f"runtime.backend: received 'tensorflow' with {chosen} on "
+            f"{platform.title()}; {_NO_TF_ON_TPU[platform]}, so a TPU session "
             "trains with Keras on JAX: remove runtime.backend from the job spec "
             'and its overrides (the TPU session sets "jax"), or choose '
-            f"{_setting(flag, 'gpu')} to train with TensorFlow"
+            f"{gpu} to train with TensorFlow"
         )
     runtime = dataclasses.replace(spec.runtime, backend="jax")
     return dataclasses.replace(spec, runtime=runtime)
