@@ -131,9 +131,7 @@ class Options:
     # Kaggle / Colab
     kernel_id: str = ""  # Kaggle "owner/slug"; default: $KAGGLE_USERNAME/<job name>
     accelerator: str = "none"  # notebook sessions: "none" | "gpu" | "tpu"
-    machine_shape: str = (
-        ""  # Kaggle: NvidiaTeslaT4 | TpuV5E8 | TpuV6E8 (per accelerator)
-    )
+    machine_shape: str = ""  # Kaggle: NvidiaTeslaT4 | TpuV5E8 | TpuV6E8
     internet: bool = True  # Kaggle: False for internet-off (competition) runs
     resume_from: str = "auto"  # Kaggle: kernel whose output holds the workdir
     dataset_sources: tuple[str, ...] = ()  # Kaggle datasets, "owner/slug"
