@@ -44,6 +44,7 @@ COUNTS_CACHE = ".trainer-record-counts.json"
 QUEUE_CHUNKS = 2  # Chunks a shard reader may hold ahead of the consumer.
 CHUNK_RECORDS = 256  # Records per string tensor handed to tf.data.
 CHUNK_BYTES = 4 * 1024 * 1024
+PREFETCH_CHUNKS = 2  # Chunks buffered in tf.data between the reader and decode.
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 
@@ -870,6 +871,15 @@ def _random_crop(image, size: int, seed):
 
 
 def _records_dataset(gen) -> tf.data.Dataset:
+    """The reader's chunks as a dataset, buffered PREFETCH_CHUNKS ahead.
+
+    The buffer is what keeps decoding on every core. Without it the parallel
+    decode's one dispatching thread calls into Python for each next chunk and
+    waits there for the GIL, which the reader threads hold in turns (5 ms
+    switch interval, longer when the OS deschedules the holder on a busy
+    machine); the decodes already dispatched finish and the cores idle. Behind
+    the buffer, a tf.data thread of its own does that waiting ahead of time.
+    """
     return tf.data.Dataset.from_generator(
         gen,
         output_signature=(
@@ -877,7 +887,7 @@ def _records_dataset(gen) -> tf.data.Dataset:
             tf.TensorSpec([None], tf.int32),  # 0-based labels
             tf.TensorSpec([None], tf.int64),  # record ids (augmentation seeds)
         ),
-    )
+    ).prefetch(PREFETCH_CHUNKS)
 
 
 def _decoded(spec, records: tf.data.Dataset, epoch: int | None) -> tf.data.Dataset:
