@@ -442,7 +442,7 @@ class _Reading:
     checker: _Checker | None  # None: raw serialized records, label -1.
     on_corrupt: str
     skip: Callable[[int, int, str], None] | None = None  # (shard id, index, reason)
-    block_size: int = tfrecord.BLOCK_SIZE
+    block_size: int | None = None  # None: tfrecord.block_size_for(url)
     stats: tfrecord.ReadStats | None = None
 
 
