@@ -3,9 +3,9 @@
 A TFRecord file is a sequence of frames: uint64 length, masked CRC32C of the
 length, the record, masked CRC32C of the record. Reading is plain Python over
 fsspec (so any protocol works: gs, s3, file, memory, http) in blocks
-blocks, reopened and retried after transient object-store errors, so memory
-does not grow with shard size and a bad frame is named by shard URL, byte
-offset and record index.
+(`block_size_for`), reopened and retried after transient object-store errors,
+so memory does not grow with shard size and a bad frame is named by shard URL,
+byte offset and record index.
 """
 
 from __future__ import annotations
