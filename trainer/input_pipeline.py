@@ -6,8 +6,9 @@ The order of the records (and how a resumed epoch skips to its step) is
 the consumer and parses each tf.train.Example (upb, ~2 us), so that a bad
 record is named by shard URL and record index. Image bytes, labels and record
 ids cross into tf.data as 1-D tensors of up to CHUNK_RECORDS records (one
-Python call per chunk, not per record); decoding, resizing and augmentation run
-in tf.data with AUTOTUNE parallelism (deterministic) and prefetch. Augmentation
+Python call per chunk, not per record), buffered PREFETCH_CHUNKS ahead so the
+decode never waits on Python; decoding, resizing and augmentation run in
+tf.data with AUTOTUNE parallelism (deterministic) and prefetch. Augmentation
 is stateless, seeded by (seed, epoch, record id), so a resumed run sees the
 same images.
 
