@@ -1,17 +1,23 @@
-"""Input pipeline throughput: native tf.data vs ours (local, GCS emulator).
+"""Input pipeline throughput, interleaved: native tf.data vs ours (local, GCS emulator).
 
-Builds shards of 32x32 PNGs and 224x224 JPEGs in a temporary folder, then in
-one run, with identical parse/decode/batch stages, measures
+Builds shards of 32x32 PNGs and 224x224 JPEGs in a temporary folder and copies
+them to fake-gcs-server, then, with identical parse/decode/batch stages,
+measures
 
   (a) tf.data.TFRecordDataset on the local files,
   (b) trainer.input_pipeline on the same local files (through fsspec),
   (c) trainer.input_pipeline from fake-gcs-server through gcsfs,
 
-printing raw records/s (TFRecord framing + CRC only, no decode), decoded
-images/s, the ratios b/a and c/a, the peak RSS of each phase, and 224x224
-JPEG decode images/s on one CPU core.
+interleaved a, b, c, a, b, c, ... for `--rounds` rounds after one untimed
+warm-up round, so that load from other processes on the machine hits every
+variant alike. Each round's b/a and c/a ratios are taken against that round's
+a. Printed per variant: the median rate, the median and spread (min-max) of
+its ratio to a, CPU milliseconds of this process per image (all its threads;
+a pipeline that leaves a core idle shows it in "cores busy"), the emulator
+process's CPU per image, and the peak RSS. Raw rows are TFRecord framing +
+CRC only, no parse or decode.
 
-    .venv/bin/python benchmarks/input_pipeline.py [--n32=20000] [--n224=2000]
+    PYTHONPATH=. .venv/bin/python benchmarks/input_pipeline.py [--rounds=5]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -34,6 +41,9 @@ from PIL import Image  # noqa: E402
 from trainer import config, convert, input_pipeline, storage, tfrecord  # noqa: E402
 
 BATCH = 64
+VARIANTS = ("a native", "b ours local", "c ours gcs")
+TARGETS = {"b ours local": 0.95, "c ours gcs": 0.90}  # decoded img/s x a
+RAW_TARGET = 0.8  # raw records/s from the emulator x a
 
 
 class PeakRSS:
@@ -60,19 +70,22 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss) / 2**20
 
 
-def build_shards(folder: str, n32: int, n224: int) -> None:
+def build_shards(folder: str, n32: int, n224: int, unique: int = 1000) -> None:
+    """`unique` distinct images of each kind, cycled (encoding costs more
+    than decoding, and decode cost does not depend on repetition)."""
     rng = np.random.default_rng(0)
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images().images  # two real JPEG photos, 427x640
 
     def write(prefix: str, n: int, shards: int, make) -> None:
+        made = [make(i) for i in range(min(n, unique))]
         per = -(-n // shards)
         for s in range(shards):
             url = os.path.join(folder, f"{prefix}-{s:05d}-of-{shards:05d}.tfrecord")
             with open(url, "wb") as f:
                 for i in range(s * per, min(n, (s + 1) * per)):
-                    data, fmt, size = make(i)
+                    data, fmt, size = made[i % len(made)]
                     ex = convert.make_example(
                         data, i % 10, height=size, width=size, fmt=fmt, text=""
                     )
@@ -142,28 +155,21 @@ def native_raw(files) -> int:
     return sum(int(b.shape[0]) for b in ds)
 
 
-def native_decoded(spec, files, threads: int | None = None) -> int:
+def native_decoded(spec, files) -> int:
     """The same parse/decode/batch stages as ours, fed by TFRecordDataset."""
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=len(files))
     ds = ds.batch(input_pipeline.CHUNK_RECORDS).map(
         lambda s: (s, tf.zeros(tf.shape(s), tf.int64)),
     )
-    calls = threads or tf.data.AUTOTUNE
     ds = ds.map(
-        parse_chunk(spec), num_parallel_calls=calls, deterministic=True
+        parse_chunk(spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     ).unbatch()
     ds = ds.map(
         input_pipeline._decode_fn(spec, epoch=None),
-        num_parallel_calls=calls,
+        num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
     ds = ds.batch(BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    if threads:
-        opts = tf.data.Options()
-        opts.threading.private_threadpool_size = threads
-        opts.threading.max_intra_op_parallelism = 1
-        opts.autotune.enabled = False
-        ds = ds.with_options(opts)
     return sum(int(b[0].shape[0]) for b in ds)
 
 
@@ -190,50 +196,90 @@ def ours_decoded(spec) -> int:
     return sum(int(b[0].shape[0]) for b in ds)
 
 
-def timed(fn, *args):
-    """One run: (count, items/s, peak RSS MB)."""
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def timed(server: psutil.Process, fn, *args) -> dict:
+    """One run: items, wall s, CPU s of this process and of the emulator, RSS MB."""
+    me = psutil.Process()
     with PeakRSS() as mem:
-        t = time.perf_counter()
+        c0, s0, t0 = _cpu(me), _cpu(server), time.perf_counter()
         count = fn(*args)
-        rate = count / (time.perf_counter() - t)
-    return count, rate, mem.peak
+        wall = time.perf_counter() - t0
+        cpu, server_cpu = _cpu(me) - c0, _cpu(server) - s0
+    return {"n": count, "wall": wall, "cpu": cpu, "server": server_cpu, "rss": mem.peak}
 
 
-def best_of(repeat: int, cases: dict) -> dict:
-    """Runs every case `repeat` times, interleaved (so load from other processes
-    on the machine hits all alike), keeping each case's best rate and peak RSS."""
-    best: dict = {}
-    for _ in range(repeat):
-        for name, (fn, *args) in cases.items():
-            count, rate, peak = timed(fn, *args)
-            old = best.get(name, (0, 0.0, 0.0))
-            best[name] = (count, max(old[1], rate), max(old[2], peak))
-    return best
+def run_rounds(cases: dict, rounds: int, server: psutil.Process) -> dict:
+    """{(size, kind, variant): [run, ...]}: one warm-up round, then `rounds`
+    rounds, every case once per round in the order of `cases`."""
+    runs: dict = {key: [] for key in cases}
+    for r in range(rounds + 1):
+        for key, (fn, *args) in cases.items():
+            result = timed(server, fn, *args)
+            if r:  # Round 0 warms up: TF's graphs, gcsfs' session, counts caches.
+                runs[key].append(result)
+        if r:
+            print(f"round {r}/{rounds} done, load average {os.getloadavg()[0]:.2f}")
+    return runs
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    med = statistics.median(values)
+    return f"{med:{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def report(runs: dict, sizes, kind: str, unit: str, target) -> None:
+    print(
+        f"\n| {kind} | {unit} median | x a: median [min-max] | CPU ms/{unit[:3]} "
+        f"| cores busy | emulator CPU ms/{unit[:3]} | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for size in sizes:
+        base = runs[(size, kind, VARIANTS[0])]
+        for variant in VARIANTS:
+            rs = runs[(size, kind, variant)]
+            rates = [r["n"] / r["wall"] for r in rs]
+            ratios = [
+                x / (b["n"] / b["wall"]) for x, b in zip(rates, base, strict=True)
+            ]
+            goal = target(variant)
+            mark = ""
+            if goal:
+                ok = statistics.median(ratios) >= goal
+                mark = f" ({'meets' if ok else 'MISSES'} >= {goal})"
+            label = f"{size}x{size} {'PNG' if size == 32 else 'JPEG'} {variant}"
+            print(
+                f"| {label} | {statistics.median(rates):,.0f} "
+                f"| {_spread(ratios, '.2f')}{mark} "
+                f"| {statistics.median([r['cpu'] / r['n'] * 1e3 for r in rs]):.3f} "
+                f"| {statistics.median([r['cpu'] / r['wall'] for r in rs]):.2f} "
+                f"| {statistics.median([r['server'] / r['n'] * 1e3 for r in rs]):.3f} "
+                f"| {max(r['rss'] for r in rs):,.0f} |"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n32", type=int, default=20000)
-    parser.add_argument("--n224", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=3, help="best of N runs")
+    parser.add_argument("--n224", type=int, default=8000)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (>= 5)")
     args = parser.parse_args()
-    cores = os.cpu_count()
     tmp = tempfile.mkdtemp(prefix="bench-input-")
     stats = tfrecord.ReadStats()
     t = time.perf_counter()
     build_shards(tmp, args.n32, args.n224)
-    sizes = {
-        p: sum(
-            os.path.getsize(os.path.join(tmp, f))
-            for f in os.listdir(tmp)
-            if f.startswith(p)
-        )
+    mb = {
+        p: sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if p in f)
         for p in ("s32", "s224")
     }
     print(
-        f"built {args.n32} 32x32 PNG ({sizes['s32'] / 2**20:.1f} MB, 8 shards) and "
-        f"{args.n224} 224x224 JPEG ({sizes['s224'] / 2**20:.1f} MB, 4 shards) in "
-        f"{time.perf_counter() - t:.1f}s; {cores} CPU cores"
+        f"built {args.n32} 32x32 PNG ({mb['s32'] / 2**20:.1f} MB, 8 shards) and "
+        f"{args.n224} 224x224 JPEG ({mb['s224'] / 2**20:.1f} MB, 4 shards) in "
+        f"{time.perf_counter() - t:.1f}s; {os.cpu_count()} CPU cores; load average "
+        f"(1, 5, 15 min) {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
 
     from tests import gcs_emulator
@@ -242,52 +288,31 @@ def main() -> None:
     try:
         gcs_emulator.client().create_bucket("bench")
         storage.put(tmp, "gs://bench/shards")
-        rows = []
+        cases = {}
         for prefix, size in (("s32", 32), ("s224", 224)):
             local = spec_for(os.path.join(tmp, prefix), size)
             remote = spec_for(f"gs://bench/shards/{prefix}", size)
             files = input_pipeline.list_shards(local.data.train)
-            results = {
-                "a native": (
-                    timed(native_raw, files),
-                    timed(native_decoded, local, files),
-                ),
-                "b ours local": (
-                    timed(ours_raw, local, stats),
-                    timed(ours_decoded, local),
-                ),
-                "c ours gcs": (
-                    timed(ours_raw, remote, stats),
-                    timed(ours_decoded, remote),
-                ),
-            }
-            rows.append((prefix, size, results))
-        one_core = timed(
-            native_decoded, spec_for(os.path.join(tmp, "s224"), 224), files, 1
-        )
+            a, b, c = VARIANTS
+            cases[(size, "raw", a)] = (native_raw, files)
+            cases[(size, "raw", b)] = (ours_raw, local, stats)
+            cases[(size, "raw", c)] = (ours_raw, remote, stats)
+            cases[(size, "decoded", a)] = (native_decoded, local, files)
+            cases[(size, "decoded", b)] = (ours_decoded, local)
+            cases[(size, "decoded", c)] = (ours_decoded, remote)
+        runs = run_rounds(cases, args.rounds, psutil.Process(server._process.pid))
     finally:
         server.stop()
 
-    print()
-    print(
-        f"{'shards':<22}{'raw rec/s':>12}{'decoded img/s':>15}"
-        f"{'raw x a':>9}{'dec x a':>9}{'peak RSS MB':>13}"
-    )
-    for _prefix, size, results in rows:
-        (_, raw_a, _), (_, dec_a, _) = results["a native"]
-        for name, ((_, raw, m1), (_, dec, m2)) in results.items():
-            label = f"{size}x{size} {'PNG' if size == 32 else 'JPEG'} {name}"
-            print(
-                f"{label:<22}{raw:>12,.0f}{dec:>15,.0f}"
-                f"{raw / raw_a:>9.2f}{dec / dec_a:>9.2f}{max(m1, m2):>13,.0f}"
-            )
-    print()
-    print(
-        f"224x224 JPEG decode (+parse, batch) on 1 core: {one_core[1]:,.0f} images/s "
-        f"per core; {one_core[1] * cores:,.0f} images/s on {cores} cores if linear"
+    sizes = (32, 224)
+    print(f"\nmedians of {args.rounds} interleaved rounds")
+    report(runs, sizes, "decoded", "img/s", TARGETS.get)
+    report(
+        runs, sizes, "raw", "rec/s", lambda v: RAW_TARGET if v == VARIANTS[2] else None
     )
     print(
-        f"reader buffer high-water mark (raw reads): {stats.max_buffer_bytes:,} bytes"
+        f"\nreader buffer high-water mark (raw reads): {stats.max_buffer_bytes:,} "
+        f"bytes; load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
 
 

@@ -413,6 +413,40 @@ def small_model(keras):
     return keras.Model(inputs, outputs)
 
 
+def test_device_snapshot_stays_exact_while_training_goes_on():
+    """The checkpoint's snapshot defers its host copy (to the background
+    thread): what it holds must not move with the updates that follow, from
+    Keras' fit (XLA where it can) and from a jit-compiled apply alike."""
+    keras = pytest.importorskip("keras")
+    import tensorflow as tf
+
+    from trainer import models
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 32)
+    model = small_model(keras)
+    optimizer = keras.optimizers.Adam(1e-2)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(True))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    held = models.device_snapshot(model, optimizer)
+    before = models.snapshot_variables(model, optimizer)
+    assert set(held) == set(before)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+    @tf.function(jit_compile=True)
+    def apply():
+        grads = [tf.ones_like(v.value) for v in model.trainable_variables]
+        optimizer.apply(grads, model.trainable_variables)
+
+    apply()
+    moved = models.snapshot_variables(model, optimizer)
+    assert not np.array_equal(
+        moved["model/hidden/kernel"], before["model/hidden/kernel"]
+    )
+    assert_arrays_equal({k: np.asarray(v) for k, v in held.items()}, before)
+
+
 def test_snapshot_and_assign_keras(tmp_path):
     keras = pytest.importorskip("keras")
     from trainer import models
@@ -435,7 +469,7 @@ def test_snapshot_and_assign_keras(tmp_path):
     assert_arrays_equal(snapshot, before)
 
     m = manager(str(tmp_path / "run"))
-    m.save(4, lambda: models.snapshot_variables(model, optimizer), {}, blocking=True)
+    m.save(4, lambda: models.device_snapshot(model, optimizer), {}, blocking=True)
     arrays, _ = CheckpointManager(str(tmp_path / "run")).restore()
 
     fresh = small_model(keras)  # Same names; other global counters.

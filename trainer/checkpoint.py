@@ -122,9 +122,9 @@ class CheckpointManager:
         """Snapshots now, writes and commits in the background (chief only).
 
         Waits first for the previous save's upload (at most one in flight) and
-        re-raises its failure. Then copies `variables` to host memory (a dict is
-        copied; a callable is called and its fresh arrays are used as they are),
-        serializes `state` to JSON, and returns while the background writer
+        re-raises its failure. Then takes `variables` (a dict is copied; a
+        callable is called and its fresh values are used: numpy arrays, or
+        immutable tensors copied to the host in the background), serializes `state` to JSON, and returns while the background writer
         writes, confirms, commits LATEST and applies retention.
 
         Args:
@@ -132,7 +132,7 @@ class CheckpointManager:
             restored. The step saved or restored last is a no-op (after the
             wait), so the preemption path can always call save(blocking=True).
           variables: {key: array}, or a function returning that (e.g.
-            `lambda: models.snapshot_variables(model, optimizer)`).
+            `lambda: models.device_snapshot(model, optimizer)`).
           state: JSON-serializable loop state, returned by `restore` as is.
           best_step: the step of the best monitored metric so far (the
             training state tracks it), which retention keeps besides the
@@ -250,7 +250,7 @@ class CheckpointManager:
     def _write_and_commit(
         self,
         step: int,
-        arrays: dict[str, np.ndarray],
+        arrays: dict[str, Any],
         state: bytes,
         best_step: int | None,
         metric: float | None,
@@ -266,7 +266,7 @@ class CheckpointManager:
             "mode": self.mode,
             "writer": {k: v for k, v in self._fence.owner.items() if k != "token"},
         }
-        files = checkpoint_format.write(folder, arrays, state, manifest)
+        files = checkpoint_format.write(folder, _to_host(arrays), state, manifest)
         self._fence.commit(step)
         self._floor = self._last_durable = step
         log.info(
@@ -314,18 +314,32 @@ class CheckpointManager:
         )
 
 
-def _host_copy(variables: Variables) -> dict[str, np.ndarray]:
-    """Host arrays to save: a dict is copied, a callable's fresh arrays are used."""
+def _host_copy(variables: Variables) -> dict[str, Any]:
+    """The arrays to save: a dict is copied now; a callable's fresh values
+    (numpy arrays, or immutable tensors `_to_host` copies later) are used."""
     if callable(variables):
         arrays = dict(variables())
     else:
         arrays = {k: np.array(v, copy=True) for k, v in variables.items()}
     for key, value in arrays.items():
-        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+        if not isinstance(key, str) or not (
+            isinstance(value, np.ndarray) or hasattr(value, "__array__")
+        ):
             raise TypeError(
                 f"variables: key {key!r} holds {type(value).__name__}; expected "
-                "str keys and numpy arrays"
+                "str keys and numpy arrays (or tensors)"
             )
+        if isinstance(value, np.ndarray) and value.dtype.hasobject:
+            raise TypeError(f"variables[{key!r}]: object arrays cannot be saved")
+    return arrays
+
+
+def _to_host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Host arrays of `arrays`, in the background thread; each tensor is let go
+    as soon as it is copied (at most one extra copy of the state at a time)."""
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            arrays[key] = value = np.asarray(value)
         if value.dtype.hasobject:
             raise TypeError(f"variables[{key!r}]: object arrays cannot be saved")
     return arrays

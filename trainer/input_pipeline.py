@@ -6,8 +6,9 @@ The order of the records (and how a resumed epoch skips to its step) is
 the consumer and parses each tf.train.Example (upb, ~2 us), so that a bad
 record is named by shard URL and record index. Image bytes, labels and record
 ids cross into tf.data as 1-D tensors of up to CHUNK_RECORDS records (one
-Python call per chunk, not per record); decoding, resizing and augmentation run
-in tf.data with AUTOTUNE parallelism (deterministic) and prefetch. Augmentation
+Python call per chunk, not per record), buffered PREFETCH_CHUNKS ahead so the
+decode never waits on Python; decoding, resizing and augmentation run in
+tf.data with AUTOTUNE parallelism (deterministic) and prefetch. Augmentation
 is stateless, seeded by (seed, epoch, record id), so a resumed run sees the
 same images.
 
@@ -44,6 +45,7 @@ COUNTS_CACHE = ".trainer-record-counts.json"
 QUEUE_CHUNKS = 2  # Chunks a shard reader may hold ahead of the consumer.
 CHUNK_RECORDS = 256  # Records per string tensor handed to tf.data.
 CHUNK_BYTES = 4 * 1024 * 1024
+PREFETCH_CHUNKS = 2  # Chunks buffered in tf.data between the reader and decode.
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 
@@ -441,7 +443,7 @@ class _Reading:
     checker: _Checker | None  # None: raw serialized records, label -1.
     on_corrupt: str
     skip: Callable[[int, int, str], None] | None = None  # (shard id, index, reason)
-    block_size: int = tfrecord.BLOCK_SIZE
+    block_size: int | None = None  # None: tfrecord.block_size_for(url)
     stats: tfrecord.ReadStats | None = None
 
 
@@ -870,6 +872,15 @@ def _random_crop(image, size: int, seed):
 
 
 def _records_dataset(gen) -> tf.data.Dataset:
+    """The reader's chunks as a dataset, buffered PREFETCH_CHUNKS ahead.
+
+    The buffer is what keeps decoding on every core. Without it the parallel
+    decode's one dispatching thread calls into Python for each next chunk and
+    waits there for the GIL, which the reader threads hold in turns (5 ms
+    switch interval, longer when the OS deschedules the holder on a busy
+    machine); the decodes already dispatched finish and the cores idle. Behind
+    the buffer, a tf.data thread of its own does that waiting ahead of time.
+    """
     return tf.data.Dataset.from_generator(
         gen,
         output_signature=(
@@ -877,7 +888,7 @@ def _records_dataset(gen) -> tf.data.Dataset:
             tf.TensorSpec([None], tf.int32),  # 0-based labels
             tf.TensorSpec([None], tf.int64),  # record ids (augmentation seeds)
         ),
-    )
+    ).prefetch(PREFETCH_CHUNKS)
 
 
 def _decoded(spec, records: tf.data.Dataset, epoch: int | None) -> tf.data.Dataset:

@@ -1002,9 +1002,51 @@ def snapshot_variables(
       {key: array}, fresh arrays the training can no longer change.
     """
     return {
-        key: np.asarray(ops.convert_to_numpy(v))
-        for key, v in _keyed_variables(model, optimizer).items()
+        key: np.asarray(value)
+        for key, value in device_snapshot(model, optimizer).items()
     }
+
+
+def device_snapshot(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer | None = None
+) -> dict[str, Any]:
+    """`snapshot_variables` without the host copy: what a checkpoint takes.
+
+    On TensorFlow the values are reads of the variables: immutable tensors
+    (a later update of a variable whose buffer a read still holds writes to
+    a new buffer, in eager, graph and XLA steps alike), so they stay exact
+    while `np.asarray` copies them to the host later, in the checkpoint's
+    background thread. Reading 749 ResNet50 + Adam variables takes ~25 ms;
+    the host copy it defers (307 MB, and page faults on fresh memory) took
+    most of the 0.2-0.35 s the loop was blocked per checkpoint. Elsewhere
+    (JAX: a train step may donate, and so delete, the buffers a snapshot
+    holds) the values are host arrays, fetched in one batched transfer.
+
+    Returns:
+      {key: numpy array or immutable tensor}; `np.asarray` of each value is
+      the variable's value at the call.
+    """
+    keyed = _keyed_variables(model, optimizer)
+    if keras.backend.backend() == "tensorflow":
+        return {key: _tf_read(v.value) for key, v in keyed.items()}
+    values = [v.value for v in keyed.values()]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        values = jax.device_get(values)  # Starts every transfer, then waits.
+    # np.array copies: a host value may share memory with a live buffer.
+    return {
+        key: np.array(ops.convert_to_numpy(value), copy=True)
+        for key, value in zip(keyed, values, strict=True)
+    }
+
+
+def _tf_read(variable):
+    """A read of a tf.Variable (mirrored or not) as an immutable tensor."""
+    read = getattr(variable, "read_value", None)
+    if read is None:  # Already a tensor.
+        return variable
+    return read()
 
 
 def assign_variables(

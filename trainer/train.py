@@ -608,7 +608,7 @@ class _Run:
         )
         self.ckpt.save(
             state.global_step,
-            lambda: models.snapshot_variables(self.model, optimizer),
+            lambda: models.device_snapshot(self.model, optimizer),
             payload,
             best_step=state.best_step,
             metric=metric,
