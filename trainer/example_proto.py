@@ -66,4 +66,6 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
 _POOL = descriptor_pool.DescriptorPool()
 _POOL.Add(_file())
 
-Example = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("tensorflow.Example"))
+Example = message_factory.GetMessageClass(
+    _POOL.FindMessageTypeByName("tensorflow.Example")
+)

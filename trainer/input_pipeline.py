@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from trainer import backend, data_order, storage, tfrecord
+from trainer import backend, data_order, example_proto, storage, tfrecord
 from trainer.errors import DataError, NotFound, PermissionDenied, StorageError
 
 tf = backend.import_tensorflow()
@@ -367,10 +367,8 @@ class _Checker:
     """Validates a record as a tf.train.Example with the configured keys/labels."""
 
     def __init__(self, spec):
-        from tensorflow.core.example import example_pb2
-
         d = spec.data
-        self._parse = example_pb2.Example.FromString
+        self._parse = example_proto.Example.FromString
         self.image_key, self.label_key = d.image_key, d.label_key
         self.offset = d.label_offset
         self.classes = max(d.num_classes, 2)  # num_classes = 1 is binary 0/1.
