@@ -25,6 +25,9 @@ from trainer import input_pipeline as records  # TEMP until the move
 from trainer import np_image, tfrecord
 from trainer.errors import DataError
 
+GROUP = 8  # Records per decode task: fewer hand-offs between threads.
+AHEAD = 4  # Decode tasks queued per thread ahead of the consumer.
+
 
 class _Context(NamedTuple):
     """The parts of tf.distribute.InputContext the reader reads: one replica
@@ -148,44 +151,55 @@ def _take(decoded: Iterator, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _decoded(spec, chunks, epoch: int | None, threads: int | None):
     """(image, label) of each record of the reader's chunks, in order, decoded
-    in a thread pool at most `ahead` records ahead of the consumer."""
+    in a thread pool at most `threads * AHEAD` groups of records ahead of the
+    consumer."""
     threads = threads or os.cpu_count() or 1
-    ahead = max(64, 8 * threads)
     decode = _decode_fn(spec, epoch=epoch)
     skip = spec.data.on_corrupt == "skip"
     pool = concurrent.futures.ThreadPoolExecutor(threads, "trainer-decode")
     pending: collections.deque = collections.deque()
     try:
         for images, labels, ids in chunks:
-            for data, label, rid in zip(images, labels, ids, strict=True):
-                pending.append((pool.submit(decode, data, int(rid)), label))
-                while len(pending) >= ahead:
-                    yield from _ready(pending.popleft(), skip)
+            for i in range(0, len(labels), GROUP):
+                part = slice(i, i + GROUP)
+                task = pool.submit(_decode_group, decode, images[part], ids[part])
+                pending.append((task, labels[part]))
+                while len(pending) >= threads * AHEAD:
+                    yield from _ready(*pending.popleft(), skip)
         while pending:
-            yield from _ready(pending.popleft(), skip)
+            yield from _ready(*pending.popleft(), skip)
     finally:
-        for future, _ in pending:
-            future.cancel()
+        for task, _ in pending:
+            task.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         chunks.close()
 
 
-def _ready(item, skip: bool):
-    """The decoded (image, label) of a future, or nothing for a skipped record."""
-    future, label = item
-    try:
-        image = future.result()
-    except Exception as e:  # Pillow raises many types for bad bytes.
-        if not skip:
-            raise DataError(
-                f"a record's image bytes could not be decoded ({type(e).__name__}: "
-                f"{e}); {tfrecord.REMEDY}"
-            ) from None
-        # As tf.data's ignore_errors: dropped with a warning, not tallied
-        # (the reader's own decode check tallies what Pillow cannot decode).
-        logging.warning("skipping an image that does not decode: %s", e)
-        return
-    yield image, label
+def _decode_group(decode, datas, ids) -> list:
+    """Each record's pixels, or the exception its decoding raised."""
+    out: list = []
+    for data, rid in zip(datas, ids, strict=True):
+        try:
+            out.append(decode(data, int(rid)))
+        except Exception as e:  # Pillow raises many types for bad bytes.
+            out.append(e)
+    return out
+
+
+def _ready(task, labels, skip: bool):
+    """The decoded (image, label) pairs of a group; a skipped record gives none."""
+    for image, label in zip(task.result(), labels, strict=True):
+        if isinstance(image, Exception):
+            if not skip:
+                raise DataError(
+                    "a record's image bytes could not be decoded "
+                    f"({type(image).__name__}: {image}); {tfrecord.REMEDY}"
+                )
+            # As tf.data's ignore_errors: dropped with a warning, not tallied
+            # (the reader's own decode check tallies what Pillow cannot decode).
+            logging.warning("skipping an image that does not decode: %s", image)
+            continue
+        yield image, label
 
 
 def _decode_fn(spec, *, epoch: int | None) -> Callable[[bytes, int], np.ndarray]:
