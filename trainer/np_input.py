@@ -21,8 +21,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from trainer import input_pipeline as records  # TEMP until the move
-from trainer import np_image, tfrecord
+from trainer import np_image, records, tfrecord
 from trainer.errors import DataError
 
 GROUP = 8  # Records per decode task: fewer hand-offs between threads.
