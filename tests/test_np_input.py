@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -155,6 +157,21 @@ def test_undecodable_image_fails_or_is_skipped(tmp_path):
     tally = input_pipeline.CorruptTally()
     assert len(list(np_input.train_batches(spec, epoch=0, tally=tally))) == 3
     assert tally.summary()["train"]["reasons"] == {"undecodable": 1}
+
+
+def test_stopping_early_ends_the_decode_threads(digits_dir):
+    def ours():
+        names = ("trainer-decode", "trainer-input")
+        return [t for t in threading.enumerate() if t.name.startswith(names)]
+
+    batches = np_input.train_batches(make_spec(digits_dir), epoch=0, threads=3)
+    next(batches)
+    assert any(t.name.startswith("trainer-decode") for t in ours())
+    batches.close()
+    deadline = time.monotonic() + 10
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not ours()
 
 
 # ---------------------------------------------------------------------------

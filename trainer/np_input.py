@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 from typing import Callable, Iterator, NamedTuple
@@ -82,13 +83,12 @@ def train_batches(
     gen, batch, batches = records._train_stream(
         spec, epoch, start_step, _context(worker, workers), tally
     )
-    decoded = _decoded(spec, gen(), epoch, threads)
-    for _ in range(batches):
-        images, labels = _take(decoded, batch)
-        if len(labels) < batch:  # The reader wraps around: never short.
-            raise RuntimeError("the training stream ended before the epoch did")
-        yield images, labels
-    decoded.close()
+    with contextlib.closing(_decoded(spec, gen(), epoch, threads)) as decoded:
+        for _ in range(batches):
+            images, labels = _take(decoded, batch)
+            if len(labels) < batch:  # The reader wraps around: never short.
+                raise RuntimeError("the training stream ended before the epoch did")
+            yield images, labels
 
 
 def eval_batches(
@@ -116,23 +116,23 @@ def eval_batches(
     gen, batch, batches = records._eval_stream(
         spec, _context(worker, workers), tally, pass_key
     )
-    decoded = _decoded(spec, gen(), None, threads)
     size = spec.data.image_size
-    for _ in range(batches):
-        images, labels = _take(decoded, batch)
-        n = len(labels)
-        weights = np.zeros([batch], np.float32)
-        weights[:n] = 1.0
-        if n < batch:
-            images = np.concatenate(
-                [
-                    images.reshape(n, size, size, 3),
-                    np.zeros((batch - n, size, size, 3), np.uint8),
-                ]
-            )
-            labels = np.concatenate([labels, np.zeros([batch - n], np.int32)])
-        yield images, labels, weights
-    decoded.close()
+    with contextlib.closing(_decoded(spec, gen(), None, threads)) as decoded:
+        for _ in range(batches):
+            yield _padded(*_take(decoded, batch), batch, size)
+
+
+def _padded(images, labels, batch: int, size: int):
+    """(images, labels, weights): weights 1.0 for the records, a short batch
+    padded to `batch` with zero images of label 0 and weight 0.0."""
+    n = len(labels)
+    weights = np.zeros([batch], np.float32)
+    weights[:n] = 1.0
+    if n < batch:
+        pad = np.zeros((batch - n, size, size, 3), np.uint8)
+        images = np.concatenate([images.reshape(n, size, size, 3), pad])
+        labels = np.concatenate([labels, np.zeros([batch - n], np.int32)])
+    return images, labels, weights
 
 
 def _take(decoded: Iterator, n: int) -> tuple[np.ndarray, np.ndarray]:
