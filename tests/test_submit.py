@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import stat
 import subprocess
@@ -1287,3 +1288,220 @@ def test_kaggle_key_stays_out_of_the_published_output(tmp_path, monkeypatch):
     assert pathlib.Path(key).read_text() == '{"type": "service_account"}'
     assert not key.startswith(str(working)) and list(working.iterdir()) == []
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------------
+# TPU sessions on Kaggle and Colab: Keras on JAX, the image's JAX kept
+
+# What an install must never name on a TPU image: the image's own JAX, jaxlib
+# and libtpu would be replaced, and TensorFlow cannot drive the TPU there.
+_TPU_IMAGE_PACKAGES = re.compile(r"tensorflow|\bjax\b|jaxlib|libtpu", re.IGNORECASE)
+_TPU_SESSIONS = [
+    ("kaggle", {"accelerator": "tpu"}, "TpuV5E8"),
+    ("kaggle", {"machine_shape": "TpuV6E8"}, "TpuV6E8"),
+    ("colab", {"accelerator": "tpu"}, None),
+]
+
+
+def _install_argv(notebook, monkeypatch, **parameters) -> list[list[str]]:
+    """The pip commands the notebook's install cell runs (INSTALL = True)."""
+    ran = []
+    monkeypatch.setattr(subprocess, "check_call", lambda argv: ran.append(argv))
+    namespace: dict = {}
+    exec(notebook.cells[1].source, namespace)  # The parameters cell.
+    namespace.update(parameters)
+    exec(notebook.cells[2].source, namespace)  # The install cell.
+    return ran
+
+
+def _until_training(notebook, monkeypatch, **parameters) -> dict:
+    """Runs the parameters cell and the train cell up to `import trainer.train`."""
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    namespace: dict = {}
+    exec(notebook.cells[1].source, namespace)
+    namespace.update(parameters)
+    train = notebook.cells[-1].source
+    before, found, _ = train.partition("import trainer.train\n")
+    assert found, train
+    exec(before, namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("target, options, shape", _TPU_SESSIONS)
+def test_tpu_sessions_train_with_keras_on_jax_and_keep_the_images_jax(
+    target, options, shape, tmp_path, monkeypatch
+):
+    import nbformat
+
+    workdir = "/kaggle/working/run" if target == "kaggle" else "gs://bucket/runs/r1"
+    result = dry_run(target, tmp_path, workdir=workdir, **options)
+    notebook = result["notebook"]
+    nbformat.validate(notebook)
+    if target == "kaggle":
+        meta = result["kernel_metadata"]
+        assert (meta["enable_tpu"], meta["enable_gpu"], meta["machine_shape"]) == (
+            True,
+            False,
+            shape,
+        )
+    else:  # How Colab saves a notebook with the v5e-1 TPU runtime.
+        assert notebook.metadata["accelerator"] == "TPU"
+        assert notebook.metadata["colab"] == {"gpuType": "V5E1"}
+    assert any("trains with Keras on JAX" in n for n in result["notes"])
+
+    # The install: plain pip of PACKAGE, no extra, no --upgrade, nothing that
+    # names TensorFlow, JAX, jaxlib or libtpu.
+    (argv,) = _install_argv(notebook, monkeypatch)
+    assert argv == [sys.executable, "-m", "pip", "install", "--quiet", PACKAGE]
+    assert not [a for a in argv[1:] if _TPU_IMAGE_PACKAGES.search(a)], argv
+
+    # The run: runtime.backend = "jax" explicitly, Keras told before import.
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")  # A TPU VM's.
+    namespace = _until_training(notebook, monkeypatch)
+    assert namespace["ACCELERATOR"] == "tpu"
+    assert namespace["spec"].runtime.backend == "jax"
+    assert os.environ["KERAS_BACKEND"] == "jax"
+
+
+def test_a_plain_install_pulls_in_no_tensorflow_jax_or_libtpu():
+    """What `pip install trainer` (no extra) resolves to, walked through the
+    installed distributions' own requirements: none of the packages a TPU
+    image must keep. The [cpu] extra, walked the same way, does name
+    TensorFlow (the walk finds what it looks for)."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def closure(requirements: list[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = [Requirement(r) for r in requirements]
+        while todo:
+            req = todo.pop()
+            name = req.name.lower().replace("_", "-")
+            if name in seen or (req.marker and not req.marker.evaluate({"extra": ""})):
+                continue
+            seen.add(name)
+            try:
+                todo += [Requirement(r) for r in md.requires(name) or []]
+            except md.PackageNotFoundError:
+                pass  # Not installed here: its name is still checked.
+        return seen
+
+    plain = closure(project["dependencies"])
+    assert {"keras", "tensorboard", "numpy"} <= plain  # The walk went deep.
+    assert not sorted(n for n in plain if _TPU_IMAGE_PACKAGES.search(n))
+    with_cpu = closure(
+        project["dependencies"] + project["optional-dependencies"]["cpu"]
+    )
+    assert "tensorflow-cpu" in with_cpu
+
+
+def test_gpu_and_cpu_sessions_are_unchanged(tmp_path, monkeypatch):
+    spec = config.load(JOB, ["runtime.backend=tensorflow"])
+    for platform in ("kaggle", "colab"):
+        for accelerator in ("none", "gpu"):
+            assert submit.session_spec(spec, platform, accelerator) is spec
+            assert submit.notebook_spec(spec, platform, accelerator, environ={}) is spec
+    result = dry_run("kaggle", tmp_path, accelerator="gpu", package="trainer[gpu] @ x")
+    assert result["kernel_metadata"]["machine_shape"] == "NvidiaTeslaT4"
+    assert not any("JAX" in n for n in result["notes"])
+    namespace = _until_training(result["notebook"], monkeypatch)
+    assert namespace["spec"].runtime.backend == "auto"
+    assert "KERAS_BACKEND" not in os.environ
+
+
+def test_tpu_with_the_tensorflow_backend_is_exit_2_naming_the_flag(tmp_path, capsys):
+    from trainer import main
+
+    def trainer(target, *args):
+        workdir = "/kaggle/working/r" if target == "kaggle" else "gs://b/r"
+        code = main.run([
+            "trainer", "submit", f"--target={target}", f"--job={JOB}",
+            f"--workdir={workdir}", f"--package={PACKAGE}",
+            "--kernel_id=me/digits-resnet50", f"--out_dir={tmp_path / target}",
+            "--dry_run", *args,
+        ])  # fmt: skip
+        return code, capsys.readouterr().err
+
+    code, err = trainer(
+        "kaggle", "--accelerator=tpu", "--set=runtime.backend=tensorflow"
+    )
+    assert code == 2 and "Traceback" not in err, err
+    assert (
+        "runtime.backend: received 'tensorflow' with --accelerator=tpu on Kaggle; "
+        "Kaggle's TPU VMs ship tensorflow-cpu, which cannot drive the TPU" in err
+    )
+    assert "remove runtime.backend" in err and "--accelerator=gpu" in err
+    code, err = trainer(
+        "kaggle", "--machine_shape=TpuV6E8", "--set=runtime.backend=tensorflow"
+    )
+    assert code == 2 and "with --machine_shape=TpuV6E8 on Kaggle" in err, err
+    assert "--machine_shape=NvidiaTeslaT4" in err
+    code, err = trainer(
+        "colab", "--accelerator=tpu", "--set=runtime.backend=tensorflow"
+    )
+    assert code == 2 and "with --accelerator=tpu on Colab" in err, err
+    assert "Colab's TPU runtimes ship no TensorFlow" in err
+    # An extra would install TensorFlow beside the image's JAX and libtpu.
+    code, err = trainer(
+        "colab", "--accelerator=tpu", "--package=trainer[tpu] @ git+https://x/y@main"
+    )
+    assert code == 2 and "--package: received 'trainer[tpu] @ " in err, err
+    assert "[tpu] extra would install TensorFlow" in err and "without an extra" in err
+    assert not (tmp_path / "colab").exists() or not list((tmp_path / "colab").iterdir())
+    # The job's own backend ("auto") on a TPU: the session sets "jax".
+    code, err = trainer("kaggle", "--accelerator=tpu")
+    assert code == 0, err
+
+
+def test_the_notebooks_tpu_choices_are_checked_in_the_session(tmp_path, monkeypatch):
+    spec = config.load(JOB, ["runtime.backend=tensorflow"])
+    with pytest.raises(
+        SubmitError,
+        match=r"received 'tensorflow' with ACCELERATOR = 'tpu' on Colab.*"
+        r"ACCELERATOR = 'gpu'",
+    ):
+        submit.notebook_spec(spec, "colab", "tpu", environ={"TPU_NAME": "local"})
+    # A session that starts without a TPU (kaggle-cli#1197) stops at once.
+    with pytest.raises(
+        SubmitError,
+        match=r"ACCELERATOR = 'tpu' but this Kaggle session has no TPU .*"
+        r"Settings > Accelerator > TPU v5e-8.*ACCELERATOR = 'none'",
+    ):
+        submit.notebook_spec(config.load(JOB), "kaggle", "tpu", environ={})
+    with pytest.raises(SubmitError, match=r"ACCELERATOR: received 'TPU'"):
+        submit.notebook_spec(config.load(JOB), "kaggle", "TPU", environ={})
+    # The template, switched to a TPU by hand with an extra on PACKAGE: the
+    # install cell refuses before pip runs.
+    notebook = submit.render_notebook("colab", name="x", job_url=JOB, workdir="gs://b/r",
+                                      package=PACKAGE)  # fmt: skip
+    with pytest.raises(ValueError, match=r"on a TPU install it without an extra"):
+        _install_argv(
+            notebook, monkeypatch, ACCELERATOR="tpu", PACKAGE="trainer[cpu] @ x"
+        )
+    (argv,) = _install_argv(notebook, monkeypatch, ACCELERATOR="tpu")
+    assert argv[-1] == PACKAGE
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+    monkeypatch.setenv("TPU_NAME", "local")
+    namespace = _until_training(notebook, monkeypatch, ACCELERATOR="tpu")
+    assert namespace["spec"].runtime.backend == "jax"
+
+
+def test_kaggle_tpu_shapes_pass_kaggle_clis_own_push(tmp_path, monkeypatch, capsys):
+    from kaggle import cli
+
+    for shape in ("TpuV5E8", "TpuV6E8"):
+        result = dry_run(
+            "kaggle", tmp_path / shape, machine_shape=shape,
+            workdir="/kaggle/working/run",
+        )  # fmt: skip
+        capsys.readouterr()
+        request = _kaggle_push(result["out_dir"], monkeypatch)
+        assert (request.machine_shape, request.enable_tpu) == (shape, True)
+        assert "retired" not in capsys.readouterr().err
+    # kaggle-cli's own help names TpuV5E8 as TPU v5e-8 (TpuV6E8 is only in its
+    # docs/kernels.md list of accelerators).
+    assert "'TpuV5E8' for TPU v5e-8" in cli.Help.param_kernel_acc

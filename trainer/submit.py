@@ -46,11 +46,25 @@ SESSION_DEADLINES = {
     ("colab", "tpu"): "11h30m",
 }
 
-# Kaggle's accelerators, by the `machine_shape` names kaggle-cli documents
-# (`kaggle kernels push --accelerator`: "NvidiaTeslaT4" for GPU T4 x2,
-# "TpuV5E8" for TPU v5e-8); P100 and TPU v3-8 are retired there.
-KAGGLE_MACHINE_SHAPES = {"NvidiaTeslaT4": "gpu", "TpuV5E8": "tpu"}
+# Kaggle's accelerators, by the `machine_shape` names kaggle-cli uses
+# (`kaggle kernels push --accelerator`, whose help says "NvidiaTeslaT4" for GPU
+# T4 x2 and "TpuV5E8" for TPU v5e-8; its docs/kernels.md also lists "TpuV6E8",
+# the TPU v6e-8); P100 and TPU v3-8 are retired there.
+KAGGLE_MACHINE_SHAPES = {"NvidiaTeslaT4": "gpu", "TpuV5E8": "tpu", "TpuV6E8": "tpu"}
 KAGGLE_DEFAULT_SHAPE = {"gpu": "NvidiaTeslaT4", "tpu": "TpuV5E8"}
+# Colab's free TPU runtime, as a notebook's `metadata.colab.gpuType` names it
+# (the v2-8 was retired in 2025).
+COLAB_TPU_TYPE = "V5E1"
+_COLAB_RUNTIME = {"none": "CPU", "gpu": "a GPU, e.g. T4", "tpu": "v5e-1 TPU"}
+
+# Why a notebook session's TPU trains with Keras on JAX: the TensorFlow of
+# these images cannot drive it (design.md, platform facts; Kaggle/docker-python
+# #1499, googlecolab/colabtools#5164).
+_NO_TF_ON_TPU = {
+    "kaggle": "Kaggle's TPU VMs ship tensorflow-cpu, which cannot drive the TPU",
+    "colab": "Colab's TPU runtimes ship no TensorFlow (tensorflow-tpu comes from a "
+    "separate index, matched to the runtime's libtpu)",
+}
 
 # GPUs by Compute Engine name: (Vertex AI name, the machine series it attaches
 # to, default machine type). N1 takes attached T4/V100/P100/P4; the
@@ -117,7 +131,7 @@ class Options:
     # Kaggle / Colab
     kernel_id: str = ""  # Kaggle "owner/slug"; default: $KAGGLE_USERNAME/<job name>
     accelerator: str = "none"  # notebook sessions: "none" | "gpu" | "tpu"
-    machine_shape: str = ""  # Kaggle: NvidiaTeslaT4 | TpuV5E8 (default per accelerator)
+    machine_shape: str = ""  # Kaggle: NvidiaTeslaT4 | TpuV5E8 | TpuV6E8
     internet: bool = True  # Kaggle: False for internet-off (competition) runs
     resume_from: str = "auto"  # Kaggle: kernel whose output holds the workdir
     dataset_sources: tuple[str, ...] = ()  # Kaggle datasets, "owner/slug"
@@ -610,6 +624,8 @@ def _render_kaggle(
         to attach its previous version's output (a /kaggle/working workdir).
     """
     accelerator, machine_shape = _kaggle_machine(opts)
+    # A bad combination fails here, not in the session.
+    session_spec(spec, "kaggle", accelerator, machine_shape=opts.machine_shape)
     kernel_id = _kaggle_kernel_id(spec, opts)
     slug = kernel_id.split("/", 1)[1]
     on_working = storage.is_local(workdir)
@@ -621,7 +637,7 @@ def _render_kaggle(
         name=spec.name,
         job_url=job_url,
         workdir=workdir,
-        package=_package(opts, extra=None),
+        package=_notebook_package(opts, "kaggle", accelerator),
         overrides=opts.overrides,
         deadline=_deadline("kaggle", opts, accelerator),
         gcs_secret=opts.gcs_secret,
@@ -647,15 +663,133 @@ def _render_kaggle(
         "notebook": notebook,
         "kernel_metadata": metadata,
         "command": ["kaggle", "kernels", "push", "-p", out_dir],
-        "notes": _kaggle_notes(kernel_id, workdir, opts, resume_from),
+        "notes": _kaggle_notes(kernel_id, workdir, opts, resume_from)
+        + _tpu_notes("kaggle", accelerator),
     }
 
 
-def _check_accelerator(accelerator: str) -> None:
+def _check_accelerator(accelerator: str, flag: str = "--accelerator") -> None:
     if accelerator not in ("none", "gpu", "tpu"):
         raise SubmitError(
-            f"--accelerator: received {accelerator!r}; expected none, gpu or tpu"
+            f"{flag}: received {accelerator!r}; expected none, gpu or tpu"
         )
+
+
+def _setting(flag: str, value: str) -> str:
+    """How the user writes `value`: a flag (--accelerator=tpu) or a notebook
+    parameter (ACCELERATOR = 'tpu')."""
+    return f"{flag}={value}" if flag.startswith("--") else f"{flag} = {value!r}"
+
+
+def session_spec(
+    spec: config.JobSpec,
+    platform: str,
+    accelerator: str,
+    flag: str = "--accelerator",
+    machine_shape: str = "",
+) -> config.JobSpec:
+    """`spec` as a Kaggle or Colab session with `accelerator` runs it.
+
+    A TPU session trains with Keras on JAX: `runtime.backend` is set to "jax"
+    explicitly, so the run does not depend on detecting what the image's
+    TensorFlow can do. Other sessions get `spec` unchanged.
+
+    Args:
+      spec: the loaded job spec.
+      platform: "kaggle" or "colab".
+      accelerator: "none", "gpu" or "tpu".
+      flag: what the user set the accelerator with, for the error message
+        (`--accelerator` for submit, `ACCELERATOR` in a notebook).
+      machine_shape: Kaggle's `--machine_shape`, when the user chose the
+        accelerator with it.
+
+    Raises:
+      SubmitError: an unknown accelerator, or a TPU with
+        `runtime.backend = "tensorflow"`, which these images cannot run.
+    """
+    _check_accelerator(accelerator, flag)
+    if accelerator != "tpu":
+        return spec
+    if spec.runtime.backend == "tensorflow":
+        chosen, gpu = _setting(flag, "tpu"), _setting(flag, "gpu")
+        if machine_shape:
+            chosen = f"--machine_shape={machine_shape}"
+            gpu = f"--machine_shape={KAGGLE_DEFAULT_SHAPE['gpu']}"
+        raise SubmitError(
+            f"runtime.backend: received 'tensorflow' with {chosen} on "
+            f"{platform.title()}; {_NO_TF_ON_TPU[platform]}, so a TPU session "
+            "trains with Keras on JAX: remove runtime.backend from the job spec "
+            'and its overrides (the TPU session sets "jax"), or choose '
+            f"{gpu} to train with TensorFlow"
+        )
+    runtime = dataclasses.replace(spec.runtime, backend="jax")
+    return dataclasses.replace(spec, runtime=runtime)
+
+
+def notebook_spec(
+    spec: config.JobSpec,
+    platform: str,
+    accelerator: str,
+    environ: dict[str, str] | None = None,
+) -> config.JobSpec:
+    """`session_spec` for the notebook's ACCELERATOR, and a TPU that is there.
+
+    A TPU session whose machine has no TPU would train on its CPU for hours
+    (a pushed Kaggle kernel can start without one: Kaggle/kaggle-cli#1197);
+    it stops at once instead.
+
+    Args:
+      environ: the environment to look for a TPU in; None: this process's,
+        and /dev.
+
+    Raises:
+      SubmitError: as `session_spec`, or ACCELERATOR = 'tpu' without a TPU.
+    """
+    from trainer import runtime
+
+    spec = session_spec(spec, platform, accelerator, flag="ACCELERATOR")
+    if accelerator == "tpu" and runtime.tpu_address(environ) is None:
+        where = {
+            "kaggle": "in the notebook editor, Settings > Accelerator > TPU v5e-8 "
+            "(or v6e-8), then Save Version",
+            "colab": "Runtime > Change runtime type > v5e-1 TPU, then Run all",
+        }[platform]
+        raise SubmitError(
+            f"ACCELERATOR = 'tpu' but this {platform.title()} session has no TPU "
+            f"(no TPU_ACCELERATOR_TYPE, TPU_NAME or /dev/accel*): {where}; or set "
+            "ACCELERATOR = 'none' to train on this machine's CPU or GPU"
+        )
+    return spec
+
+
+def _notebook_package(opts: Options, platform: str, accelerator: str) -> str:
+    """The requirement a notebook installs: the image's TensorFlow and JAX stay.
+
+    Raises:
+      SubmitError: a TPU session's requirement with an extra: [cpu], [gpu] and
+        [tpu] install TensorFlow, beside (or over) the image's JAX and libtpu.
+    """
+    package = _package(opts, extra=None)
+    extra = re.match(r"[^\[@]*\[([^\]]*)\]", package)
+    if accelerator == "tpu" and extra:
+        raise SubmitError(
+            f"--package: received {package!r}; on a {platform.title()} TPU its "
+            f"[{extra.group(1)}] extra would install TensorFlow beside the image's "
+            "JAX and libtpu, and the TPU trains with Keras on JAX: pass the "
+            "requirement without an extra, e.g. "
+            "--package='trainer @ git+https://github.com/OWNER/REPO@main'"
+        )
+    return package
+
+
+def _tpu_notes(platform: str, accelerator: str) -> list[str]:
+    if accelerator != "tpu":
+        return []
+    return [
+        f'a TPU session trains with Keras on JAX (runtime.backend = "jax"): '
+        f"{_NO_TF_ON_TPU[platform]}. The install keeps the image's JAX and libtpu; "
+        "a session that starts without a TPU stops at once saying so"
+    ]
 
 
 def _kaggle_machine(opts: Options) -> tuple[str, str]:
@@ -667,7 +801,7 @@ def _kaggle_machine(opts: Options) -> tuple[str, str]:
     if machine_shape not in KAGGLE_MACHINE_SHAPES:
         raise SubmitError(
             f"--machine_shape: received {machine_shape!r}; expected one of "
-            f"{', '.join(KAGGLE_MACHINE_SHAPES)} (GPU T4 x2, TPU v5e-8)"
+            f"{', '.join(KAGGLE_MACHINE_SHAPES)} (GPU T4 x2, TPU v5e-8, TPU v6e-8)"
         )
     return KAGGLE_MACHINE_SHAPES[machine_shape], machine_shape
 
@@ -802,13 +936,13 @@ def kernel_metadata(
 def _render_colab(
     spec, job_url, workdir, opts: Options, out_dir: str
 ) -> dict[str, Any]:
-    _check_accelerator(opts.accelerator)
+    session_spec(spec, "colab", opts.accelerator)  # A bad combination fails here.
     notebook = render_notebook(
         "colab",
         name=spec.name,
         job_url=job_url,
         workdir=workdir,
-        package=_package(opts, extra=None),
+        package=_notebook_package(opts, "colab", opts.accelerator),
         overrides=opts.overrides,
         deadline=_deadline("colab", opts, opts.accelerator),
         accelerator=opts.accelerator,
@@ -821,10 +955,11 @@ def _render_colab(
         "command": [],  # Colab has no API to start a notebook run.
         "notes": [
             "Colab has no submit API: open https://colab.research.google.com, "
-            f"File > Upload notebook > {nb_path}, pick a runtime type (GPU/TPU) "
-            "and Runtime > Run all",
+            f"File > Upload notebook > {nb_path}, pick the runtime type "
+            f"({_COLAB_RUNTIME[opts.accelerator]}) and Runtime > Run all",
             "if the session ends or the deadline stops it, run all cells again: "
             "it resumes from the workdir",
+            *_tpu_notes("colab", opts.accelerator),
         ],
     }
 
@@ -858,7 +993,8 @@ def render_notebook(
       install: the value of the notebook's INSTALL parameter (False: the
         package is already installed, as in tests).
       gcs_secret: Kaggle secret holding a service-account JSON key.
-      accelerator: "none", "gpu" or "tpu" (Colab's notebook metadata).
+      accelerator: "none", "gpu" or "tpu": the notebook's ACCELERATOR (a TPU
+        trains with Keras on JAX) and Colab's runtime type.
       resume_from: Kaggle: OWNER/SLUG of the notebook whose output, attached
         under /kaggle/input, holds a /kaggle/working workdir to restore.
       internet: Kaggle: False installs the package without an index.
@@ -870,6 +1006,7 @@ def render_notebook(
 
     parameters = _parameters_cell(
         platform,
+        accelerator=accelerator,
         job_url=job_url,
         workdir=workdir,
         package=package,
@@ -897,7 +1034,9 @@ def _notebook(
     )
     how = (
         "Run all cells. Training stops with a checkpoint before the session limit "
-        f"({deadline}); run the notebook again with the same `WORKDIR` to resume."
+        f"({deadline}); run the notebook again with the same `WORKDIR` to resume. "
+        "`ACCELERATOR` names this session's accelerator: on a TPU (`'tpu'`) the "
+        "run trains with Keras on JAX, since this image's TensorFlow cannot drive it."
     )
     # Fixed cell ids: the same inputs render the same file (templates, diffs).
     cells = [
@@ -920,12 +1059,15 @@ def _notebook(
     notebook.metadata["language_info"] = {"name": "python"}
     if platform == "colab" and accelerator in ("gpu", "tpu"):
         notebook.metadata["accelerator"] = accelerator.upper()
+    if platform == "colab" and accelerator == "tpu":
+        notebook.metadata["colab"] = {"gpuType": COLAB_TPU_TYPE}
     return notebook
 
 
 def _parameters_cell(
     platform: str,
     *,
+    accelerator: str,
     job_url: str,
     workdir: str,
     package: str,
@@ -947,8 +1089,11 @@ def _parameters_cell(
         f"JOB_TOML = {_py_text(job_text)}",
         f"WORKDIR = {workdir!r}  # the run's identity: same WORKDIR = resume",
         f"OVERRIDES = {list(overrides)!r}  # --set=KEY=VALUE overrides",
-        f"DEADLINE = {deadline!r}  # stop with a checkpoint before the session ends",
-        "# No [cpu]/[gpu] extra: keep the TensorFlow this image ships.",
+        f"DEADLINE = {deadline!r}  # stop with a checkpoint before the session ends"
+        + (" (TPU: 9 h, so 8h30m)" if platform == "kaggle" else ""),
+        f"ACCELERATOR = {accelerator!r}  # this session's: 'none' | 'gpu' | 'tpu'"
+        " ('tpu': Keras on JAX)",
+        "# No [cpu]/[gpu]/[tpu] extra: keep the TensorFlow and JAX this image ships.",
         f"PACKAGE = {package!r}",
         f"INSTALL = {install!r}  # False when the package is already installed",
     ]
@@ -965,12 +1110,24 @@ def _parameters_cell(
 
 
 def _install_cell(platform: str) -> str:
-    """Installs PACKAGE (Kaggle without internet: from an attached wheel's folder)."""
+    """Installs PACKAGE (Kaggle without internet: from an attached wheel's folder).
+
+    Never with an extra, and never `--upgrade`: the image's TensorFlow, JAX,
+    jaxlib and libtpu stay as they are (on a TPU an extra would install
+    TensorFlow beside them).
+    """
+    guard = [
+        "    if ACCELERATOR == 'tpu' and '[' in PACKAGE.split(' @ ')[0]:",
+        "        raise ValueError(f'PACKAGE = {PACKAGE!r}: on a TPU install it without '",
+        "                         'an extra; [cpu]/[gpu]/[tpu] would install TensorFlow '",
+        "                         'beside the JAX and libtpu this image ships')",
+    ]
     if platform == "kaggle":
         return "\n".join(
             [
                 "import os, subprocess, sys",
                 "if INSTALL:",
+                *guard,
                 "    pip = [sys.executable, '-m', 'pip', 'install', '--quiet']",
                 "    if not INTERNET:  # A wheel from an attached dataset; no index.",
                 "        pip += ['--no-index', '--find-links', os.path.dirname(PACKAGE)]",
@@ -981,6 +1138,7 @@ def _install_cell(platform: str) -> str:
         [
             "import subprocess, sys",
             "if INSTALL:",
+            *guard,
             "    subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--quiet', PACKAGE])",
         ]
     )
@@ -1059,12 +1217,20 @@ def _train_cell(platform: str) -> str:
     again = "run all cells again" if platform == "colab" else "push again (or Run All)"
     return "\n".join(
         [
-            "import trainer.config, trainer.preemption, trainer.train",
+            "import os",
+            "import trainer.config, trainer.preemption, trainer.submit",
             "",
             "if JOB_TOML:",
             "    spec = trainer.config.load(JOB_TOML, OVERRIDES, is_text=True)",
             "else:",
             "    spec = trainer.config.load(JOB, OVERRIDES)",
+            "# A TPU session trains with Keras on JAX (runtime.backend = 'jax'): the",
+            "# TensorFlow of this image cannot drive its TPU. It stops here if there is none.",
+            f"spec = trainer.submit.notebook_spec(spec, {platform!r}, ACCELERATOR)",
+            "if ACCELERATOR == 'tpu':  # Keras reads it once, when first imported.",
+            "    os.environ['KERAS_BACKEND'] = spec.runtime.backend",
+            "import trainer.train",
+            "",
             "try:",
             "    summary = trainer.train.run(",
             "        spec, WORKDIR, deadline_seconds=trainer.preemption.parse_duration(DEADLINE)",
