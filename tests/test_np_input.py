@@ -256,9 +256,10 @@ _NO_TF = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, NoTensorFlow())
-    from trainer import config, np_input, records
+    from trainer import config, convert, np_input, records
 
-    spec = config.load(sys.argv[1], [], is_text=True)
+    convert.convert_sample_digits(sys.argv[1], shards=7)
+    spec = config.load(sys.argv[2], [], is_text=True)
     tally = records.CorruptTally()
     batches = np_input.train_batches(
         spec, epoch=1, start_step=2, worker=1, workers=2, tally=tally
@@ -290,16 +291,14 @@ learning_rate = 0.001
 """
 
 
-def test_reads_gcs_shards_without_tensorflow(gcs_server, gcs_bucket, digits_dir):
+def test_converts_and_reads_gcs_shards_without_tensorflow(gcs_server, gcs_bucket):
+    """`trainer convert` and np_input with TensorFlow's import blocked, on the
+    emulator; tf.data then reads the same shards to the same labels."""
     url = storage.join(gcs_bucket, "digits")
-    storage.put(digits_dir, url)
     text = _spec_text(url)
-    spec = config.load(text, [], is_text=True)
-    want = [b[1].tolist() for b in tf_train(spec, 1, 2, 1, 2)]
-    want_weights = [b[2].tolist() for b in tf_eval(spec)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        [sys.executable, "-c", _NO_TF, text],
+        [sys.executable, "-c", _NO_TF, url, text],
         capture_output=True,
         text=True,
         cwd=root,
@@ -308,5 +307,8 @@ def test_reads_gcs_shards_without_tensorflow(gcs_server, gcs_bucket, digits_dir)
     )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
+    spec = config.load(text, [], is_text=True)
+    want = [b[1].tolist() for b in tf_train(spec, 1, 2, 1, 2)]
+    want_weights = [b[2].tolist() for b in tf_eval(spec)]
     assert got["labels"] == want and len(want) == 1438 // 64 - 2
     assert got["weights"] == want_weights
