@@ -3,7 +3,8 @@
 Both read the same shards through the same reader (trainer's threaded shard
 readers, record checks, the epoch's order) and decode, resize and batch one
 epoch with the same number of threads: tf.data's map in a private thread pool
-of that size, np_input's Pillow decodes in a pool of that size. Rounds are
+of that size, np_input's Pillow decodes in a pool of that size; each path
+in a process of its own (np_input's without TensorFlow). Rounds are
 interleaved (tf, np, tf, np, ...) so that a change in the machine's load hits
 both; the table gives medians, the spread (min-max) and the process CPU
 seconds per image, and the load average around the run.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -106,6 +108,33 @@ def _timed(fn, *args) -> tuple[float, float, int]:
     return n / wall, cpu / n, n
 
 
+def _serve(conn, name: str, spec, threads: int) -> None:
+    """A child process's loop: one epoch of path `name` per request."""
+    fn = {"np": np_epoch, "tf": tf_epoch}[name]
+    while (epoch := conn.recv()) is not None:
+        conn.send(_timed(fn, spec, threads, epoch))
+
+
+class _Path:
+    """One input path in a process of its own: np_input's never imports
+    TensorFlow, whose import changes the process's malloc settings
+    (tf.data's from_generator sets M_TRIM_THRESHOLD), as in real use."""
+
+    def __init__(self, name: str, spec, threads: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, name, spec, threads))
+        self.proc.start()
+
+    def epoch(self, epoch: int) -> tuple[float, float, int]:
+        self.conn.send(epoch)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join()
+
+
 def measure(
     *,
     images: int = 1024,
@@ -138,14 +167,19 @@ def measure(
             folder = scratch
             write_jpegs(folder, images, size)
         spec = spec_for(folder, size, batch)
-        paths = {"np": np_epoch, **({"tf": tf_epoch} if with_tf else {})}
+        names = ["np", "tf"] if with_tf else ["np"]
+        paths = {name: _Path(name, spec, threads) for name in names}
         runs: dict[str, list] = {name: [] for name in paths}
         load = [os.getloadavg()[0]]
-        for r in range(rounds + 1):
-            for name, fn in paths.items():
-                result = _timed(fn, spec, threads, r)
-                if r:  # Round 0 warms up (imports, tf.data tracing, caches).
-                    runs[name].append(result)
+        try:
+            for r in range(rounds + 1):
+                for name, path in paths.items():
+                    result = path.epoch(r)
+                    if r:  # Round 0 warms up (imports, tf.data tracing, caches).
+                        runs[name].append(result)
+        finally:
+            for path in paths.values():
+                path.close()
         load.append(os.getloadavg()[0])
     out = {"threads": threads, "rounds": rounds, "size": size, "load": load}
     for name, results in runs.items():
