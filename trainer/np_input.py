@@ -8,7 +8,10 @@ in a thread pool (Pillow and numpy release the GIL), in order, a bounded
 number of records ahead of the consumer. The batches are those the tf.data
 path gives one process of `workers` (one replica each): PNG pixels equal,
 JPEG within libjpeg's IDCT difference (np_image), the same records, labels,
-padding, weights, skips and tally entries.
+padding, weights, skips and tally entries. One difference in kind: with
+data.on_corrupt = "skip", tf.data also drops an image that Pillow decodes and
+TensorFlow cannot (rare: the reader's check already decodes with Pillow);
+here that image is kept.
 """
 
 from __future__ import annotations
