@@ -88,7 +88,9 @@ def test_example_proto_reads_and_writes_tf_train_example(digits_dir):
 
 
 @pytest.mark.parametrize(
-    "augment, image_size", [("none", 32), ("flip_crop", 32), ("flip_crop", 40)]
+    "augment, image_size",
+    # 40: resized; 72: above 64, the random resized crop of a distorted box.
+    [("none", 32), ("flip_crop", 32), ("flip_crop", 40), ("flip_crop", 72)],
 )
 def test_train_batches_equal_tf_data(digits_dir, augment, image_size):
     """Order, labels and pixels (decode, resize, flips and crops) equal,
