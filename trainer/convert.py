@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import tqdm
 
-from trainer import backend, storage, tfrecord
+from trainer import example_proto, storage, tfrecord
 from trainer.errors import DataError, NotFound, UsageError
 
 DEFAULT_SHARD_BYTES = 100 * 1024 * 1024
@@ -28,18 +28,20 @@ def make_example(
     encoded: bytes, label: int, *, height: int, width: int, fmt: bytes, text: str
 ) -> bytes:
     """A serialized `tf.train.Example` in the TF-slim / Model Garden schema."""
-    tf = backend.import_tensorflow()  # Lazily: importing this module stays cheap.
-
-    f = tf.train.Feature
-    feature = {
-        "image/encoded": f(bytes_list=tf.train.BytesList(value=[encoded])),
-        "image/format": f(bytes_list=tf.train.BytesList(value=[fmt])),
-        "image/height": f(int64_list=tf.train.Int64List(value=[height])),
-        "image/width": f(int64_list=tf.train.Int64List(value=[width])),
-        "image/class/label": f(int64_list=tf.train.Int64List(value=[label])),
-        "image/class/text": f(bytes_list=tf.train.BytesList(value=[text.encode()])),
-    }
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    example = example_proto.Example()  # No TensorFlow: converts on a JAX-only VM.
+    feature = example.features.feature
+    for key, value in (
+        ("image/encoded", encoded),
+        ("image/format", fmt),
+        ("image/class/text", text.encode()),
+    ):
+        feature[key].bytes_list.value.append(value)
+    for key, number in (
+        ("image/height", height),
+        ("image/width", width),
+        ("image/class/label", label),
+    ):
+        feature[key].int64_list.value.append(number)
     return example.SerializeToString()
 
 
