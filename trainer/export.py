@@ -122,6 +122,8 @@ def export_step(
     Raises:
       CheckpointError: the checkpoint is damaged or does not fit the spec.
     """
+    if keras.backend.backend() != "tensorflow":
+        return _export_on_tensorflow(root, step, weights)
     folder = storage.join(
         workdir.checkpoints(root), checkpoint_catalog.checkpoint_name(step)
     )
@@ -145,6 +147,37 @@ def export_step(
             timespec="seconds"
         ),
     }
+    storage.write_json(workdir.export_record(root), record)
+    return record
+
+
+def _export_on_tensorflow(root: str, step: int, weights: str) -> dict[str, Any]:
+    """The export of a run on the JAX backend: `trainer export` on TensorFlow.
+
+    The SavedModel's endpoint decodes image bytes with TensorFlow ops around
+    the model; Keras on JAX can only put the model in one through jax2tf
+    (keras-team/keras#19134, #20906), another program than the TensorFlow
+    backend's. A TensorFlow process exports what a TensorFlow run would, from
+    the same committed checkpoint, at the cost of its start (seconds).
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    command = [sys.executable, "-m", "trainer", "export"]
+    done = subprocess.run(
+        [*command, f"--workdir={root}", f"--step={step}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"exporting step {step} on TensorFlow failed (exit {done.returncode}): "
+            f"{done.stderr[-2000:]}"
+        )
+    record = storage.read_json(workdir.export_record(root))
+    record["weights"] = weights
     storage.write_json(workdir.export_record(root), record)
     return record
 
