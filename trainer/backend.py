@@ -18,8 +18,8 @@ BACKENDS = ("tensorflow", "jax")
 
 def installed(module: str) -> bool:
     """Whether `module` can be imported here (without importing it)."""
-    if module in sys.modules:
-        return True
+    if module in sys.modules:  # None there: imports of it are blocked.
+        return sys.modules[module] is not None
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):

@@ -94,8 +94,6 @@ def estimate_bytes(spec, model, dtype: str) -> int:
 
 def run_obstacle(spec, rt, model) -> str | None:
     """Why no phase of this run can use cached features; None if phases can."""
-    if rt.backend == "jax":
-        return "the JAX backend trains on images (the cache feeds tf.distribute)"
     if spec.data.augment != "none":
         return f'data.augment = "{spec.data.augment}" changes the images every epoch'
     if rt.workers > 1:

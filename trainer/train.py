@@ -23,7 +23,6 @@ from trainer import (  # noqa: E402
     checkpoint,
     config,
     export,
-    feature_cache,
     input_pipeline,
     models,
     preemption,
@@ -201,7 +200,7 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
         model = models.build_model(spec)
     for phase in spec.phases:  # A typo in phase 2 fails now, not in an hour.
         set_trainable(model, spec, phase)
-    feature_cache.check_spec(spec, rt, model)
+    check_feature_cache(spec, rt, model)
     state, arrays = _restore(ckpt, spec)
     watcher = preemption.PreemptionWatcher(
         deadline_seconds=deadline_seconds,
@@ -231,6 +230,24 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
     finally:
         watcher.stop()
         logs.close()
+
+
+def check_feature_cache(spec, rt: runtime.Runtime, model) -> None:
+    """`data.cache_features = true` needs a phase that can use the cache.
+
+    The cache feeds tf.distribute: the JAX backend trains on images.
+    """
+    if rt.backend == "jax":
+        if spec.data.cache_features is True:
+            raise SpecError(
+                "data.cache_features = true cannot be used with runtime.backend = "
+                '"jax" (it trains on images); set data.cache_features = "auto" '
+                '(or false), or runtime.backend = "tensorflow"'
+            )
+        return
+    from trainer import feature_cache
+
+    feature_cache.check_spec(spec, rt, model)
 
 
 def make_engine(rt: runtime.Runtime):
@@ -379,6 +396,10 @@ class _Run:
         """The cached features {split: Features} this phase trains on, or None."""
         if self.state.position(per_epoch)[0] >= phase.epochs:
             return None  # Resumed at the phase's end: nothing left to train.
+        if self.engine.name == "jax":
+            return None  # See check_feature_cache.
+        from trainer import feature_cache
+
         decision = feature_cache.decide(self.spec, phase, self.rt, self.model)
         print(f"phase {phase.name!r} on cached features: {decision.describe()}")
         if not decision.use:
