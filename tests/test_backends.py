@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import random
 import signal
+import socket
+import sys
 import time
 
 import numpy as np
 import pytest
 
+from tests.test_cli import assert_bad_input, run, trainer
 from tests.test_resume import (
     TOTAL_STEPS,
     Run,
@@ -28,8 +31,6 @@ from tests.test_resume import (
     train_args,
     wait_for,
 )
-
-pytestmark = pytest.mark.slow
 
 # Two host devices: the JAX counterpart of two chips (design.md).
 JAX_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -95,6 +96,7 @@ def assert_close_run(resumed: Workdir, ref: Workdir, resumed_from: int) -> None:
             np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("jax")
 def test_jax_kill_9_and_resume_is_bit_exact_then_resumes_on_tf(
     jax_reference, gcs_bucket, digits_dir, tmp_path
@@ -128,6 +130,7 @@ def test_jax_kill_9_and_resume_is_bit_exact_then_resumes_on_tf(
     assert_close_run(on_tf, jax_reference, step)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("preempted")
 def test_tf_checkpoint_resumes_on_jax(
     preempted, reference, gcs_bucket, digits_dir, tmp_path
@@ -149,3 +152,123 @@ def test_tf_checkpoint_resumes_on_jax(
     record = json.loads(w.bucket.read(f"{w.prefix}export/export.json"))
     assert record["saved_model"].endswith("/export/saved_model/1"), record
     assert_close_run(w, reference, step)
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("jax")
+def test_two_jax_processes_match_one_process_on_two_devices(
+    jax_reference, gcs_bucket, digits_dir, tmp_path
+):
+    """Multi-host through jax.distributed.initialize: a chief and a worker of
+    one TF_CONFIG on 127.0.0.1, one CPU device each, each feeding its slice of
+    every global batch. The global batches, the program and its two-operand
+    all-reduce are those of one process with two devices, so training ends
+    bit for bit where that run did. Validation reads its records in another
+    order over two workers (interleaved), so its sums may differ in the last
+    bit."""
+    from trainer import checkpoint
+
+    scratch = str(tmp_path)
+    w = Workdir(gcs_bucket, "two-processes")
+    ports = _free_ports(2)
+    cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"]}
+    runs = [
+        Run(
+            train_args(digits_dir, w.url, ON_JAX),
+            scratch,
+            env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": task})},
+        )
+        for task in ({"type": "chief", "index": 0}, {"type": "worker", "index": 0})
+    ]
+    codes = [run.wait(400) for run in runs]
+    assert codes == [0, 0], "\n".join(run.describe() for run in runs)
+    assert "multiworker x2, backend jax" in runs[0].stdout
+    assert "completed" in runs[1].stdout  # The worker trained to the end too.
+
+    two, one = (
+        summary(w.bucket, w.prefix),
+        summary(jax_reference.bucket, jax_reference.prefix),
+    )
+    assert two["global_step"] == one["global_step"] == TOTAL_STEPS
+    for a, b in zip(two["history"], one["history"], strict=True):
+        assert (a["loss"], a["accuracy"]) == (b["loss"], b["accuracy"])
+        assert a["val_accuracy"] == b["val_accuracy"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6)
+    arrays_a, _ = checkpoint.CheckpointManager(w.url, is_chief=False).restore()
+    arrays_b, _ = checkpoint.CheckpointManager(
+        jax_reference.url, is_chief=False
+    ).restore()
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for key, a in arrays_a.items():
+        assert np.array_equal(a, arrays_b[key]), f"{key} differs"
+
+
+# ---------------------------------------------------------------------------
+# Choosing the backend, and what it cannot run: exit 2 with the remedy
+
+
+def test_auto_picks_jax_where_tensorflow_cannot_drive_the_machine(monkeypatch):
+    from trainer import backend
+
+    for key in ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert backend.resolve("jax") == "jax"
+    assert backend.resolve("tensorflow") == "tensorflow"
+    assert backend.resolve("auto") == "tensorflow"  # CPU, TensorFlow installed.
+    # A TPU VM (Colab's and Kaggle's set this) whose TensorFlow is no TPU build.
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    assert not backend.tensorflow_drives_tpus()
+    assert backend.resolve("auto") == "jax"
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE")
+    # No TensorFlow at all (an import of it is blocked while this test runs).
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    assert backend.resolve("auto") == "jax"
+
+
+def test_keras_already_on_another_backend_is_exit_2(capsys, tmp_path):
+    """A notebook whose Keras runs on TensorFlow asks for JAX: one message
+    naming runtime.backend, KERAS_BACKEND and both remedies."""
+    import keras
+
+    from trainer import config, train
+    from trainer.errors import SpecError
+
+    assert keras.backend.backend() == "tensorflow"  # This test process's Keras.
+    args = ["--job=jobs/digits.toml", f"--workdir={tmp_path / 'w'}"]
+    result = run(capsys, "train", *args, "--set=runtime.backend=jax")
+    assert_bad_input(
+        result,
+        r'runtime.backend = "jax", but Keras in this process already runs on '
+        r"'tensorflow'.*KERAS_BACKEND.*runtime.backend = \"tensorflow\"",
+    )
+    spec = config.load("jobs/digits.toml", ["runtime.backend=jax"])
+    with pytest.raises(SpecError, match="restart the kernel|Restart the kernel"):
+        train.run(spec, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # Refused before anything was written.
+    result = run(capsys, "train", *args, "--set=runtime.backend=torch")
+    assert_bad_input(result, r"runtime.backend.*torch.*auto.*tensorflow.*jax")
+
+
+def test_float16_on_jax_is_exit_2(digits_dir, tmp_path):
+    proc = trainer(
+        "train",
+        "--job=jobs/digits.toml",
+        f"--workdir={tmp_path / 'w'}",
+        f"--set=data.train={digits_dir}/train-*.tfrecord",
+        f"--set=data.validation={digits_dir}/validation-*.tfrecord",
+        "--set=runtime.backend=jax",
+        "--set=runtime.mixed_precision=mixed_float16",
+    )
+    assert_bad_input(
+        proc, r'runtime.mixed_precision = "mixed_float16".*"mixed_bfloat16"'
+    )

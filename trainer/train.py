@@ -280,12 +280,12 @@ class _Run:
     spec: config.JobSpec
     root: str  # The workdir.
     rt: runtime.Runtime
-    engine: Any  # steps.Engine or jax_steps.Engine: see make_engine.
     ckpt: checkpoint.CheckpointManager
     model: keras.Model
     state: TrainState
     watcher: preemption.PreemptionWatcher
     logs: reports.Logs
+    engine: Any = None  # steps.Engine or jax_steps.Engine: see make_engine.
     started: bool = False  # Whether this process ran a training step yet.
 
     @property
@@ -577,7 +577,7 @@ class _Run:
 
     def _jit(self, phase) -> bool:
         """The phase's jit_compile; on resume, the choice recorded in the checkpoint."""
-        if self.engine.name == "jax":
+        if self.rt.backend == "jax":
             # JAX compiles every phase's step (op by op it would crawl); the
             # recorded choices are TensorFlow's, kept for a resume there.
             return True
