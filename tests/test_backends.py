@@ -9,16 +9,19 @@ MobileNetV2 job.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
+import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
 import pytest
 
-from tests.test_cli import assert_bad_input, run, trainer
+from tests.test_cli import ROOT, assert_bad_input, run, trainer
 from tests.test_resume import (
     TOTAL_STEPS,
     Run,
@@ -272,3 +275,55 @@ def test_float16_on_jax_is_exit_2(digits_dir, tmp_path):
     assert_bad_input(
         proc, r'runtime.mixed_precision = "mixed_float16".*"mixed_bfloat16"'
     )
+
+
+def test_export_and_logs_without_tensorflow(tmp_path):
+    """Where TensorFlow is not installed (Colab's TPU runtimes), the JAX run's
+    completion writes model.keras and TensorBoard scalars, and export.json
+    says why there is no SavedModel."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        sys.modules["tensorflow"] = None  # Any import of it fails.
+        from trainer import checkpoint, config, export, models, reports
+
+        root = sys.argv[1]
+        spec = config.load(
+            "jobs/digits.toml", ["model.backbone=mobilenetv2", "model.dense=[8]"]
+        )
+        model = models.build_model(spec)
+        ckpt = checkpoint.CheckpointManager(root)
+        ckpt.claim()
+        ckpt.save(3, models.snapshot_variables(model), {"global_step": 3})
+        ckpt.close()
+        record = export.export_step(root, spec, 3, "last")
+        logs = reports.Logs(root, True)
+        logs.write({"phase": "transfer", "loss": 0.5, "val_accuracy": 0.75}, 3)
+        logs.close()
+        print("RECORD " + json.dumps(record))
+        """
+    )
+    root = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(root)],
+        cwd=ROOT,
+        env=dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: no SavedModel: TensorFlow is not installed here" in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RECORD "))
+    record = json.loads(line[len("RECORD ") :])
+    assert record["saved_model"] is None and "trainer export" in record["note"]
+    assert json.loads((root / "export" / "export.json").read_text()) == record
+    assert (root / "export" / "model.keras").stat().st_size > 0
+    assert not (root / "export" / "saved_model").exists()
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(root / "logs"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("val_accuracy")] == [0.75]
+    assert [e.step for e in events.Scalars("loss")] == [3]
