@@ -24,6 +24,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This checkout's `trainer` and `benchmarks`, whatever is installed.
+sys.path.insert(0, ROOT)
 
 
 def measure_backend(backend: str, steps: int, warmup: int, data: str) -> dict:
