@@ -278,14 +278,15 @@ def test_float16_on_jax_is_exit_2(digits_dir, tmp_path):
 
 
 def test_export_and_logs_without_tensorflow(tmp_path):
-    """Where TensorFlow is not installed (Colab's TPU runtimes), the JAX run's
-    completion writes model.keras and TensorBoard scalars, and export.json
-    says why there is no SavedModel."""
+    """Where TensorFlow is not installed (Colab's TPU runtimes) the training
+    side imports, and the JAX run's completion writes model.keras and
+    TensorBoard scalars; export.json says why there is no SavedModel."""
     script = textwrap.dedent(
         """
         import json, sys
         sys.modules["tensorflow"] = None  # Any import of it fails.
         from trainer import checkpoint, config, export, models, reports
+        from trainer import train  # noqa: F401  (the loop imports without it)
 
         root = sys.argv[1]
         spec = config.load(

@@ -38,7 +38,9 @@ import numpy as np
 from trainer import backend, data_order, storage, tfrecord
 from trainer.errors import DataError, NotFound, PermissionDenied, StorageError
 
-tf = backend.import_tensorflow()
+# None without TensorFlow (the JAX backend on a TPU runtime): the listing,
+# counting and tally helpers here need none; the tf.data stages do.
+tf = backend.import_tensorflow_or_none()
 
 COUNTS_CACHE = ".trainer-record-counts.json"
 QUEUE_CHUNKS = 2  # Chunks a shard reader may hold ahead of the consumer.

@@ -580,6 +580,11 @@ class _Run:
         if self.rt.backend == "jax":
             # JAX compiles every phase's step (op by op it would crawl); the
             # recorded choices are TensorFlow's, kept for a resume there.
+            if self.spec.phase_jit(phase) is False:
+                print(
+                    f"note: jit_compile = false for phase {phase.name!r} is for "
+                    "TensorFlow: the JAX backend compiles every step"
+                )
             return True
         recorded = self.state.runtime.get("jit", {}).get(phase.name)
         unsupported = models.jit_unsupported(self.rt.device_type, self.rt.num_replicas)
