@@ -209,6 +209,9 @@ def _train(flag_values: flags.FlagValues, args: list[str]) -> None:
 
 def _check(flag_values: flags.FlagValues, args: list[str]) -> None:
     spec, workdir = _spec(flag_values), _workdir(flag_values)
+    from trainer import backend
+
+    backend.select(spec.runtime.backend)  # Before Keras is imported: it reads it once.
     from trainer import check
 
     check.check(spec, workdir)
