@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -328,3 +329,27 @@ def test_export_and_logs_without_tensorflow(tmp_path):
     events.Reload()
     assert [e.value for e in events.Scalars("val_accuracy")] == [0.75]
     assert [e.step for e in events.Scalars("loss")] == [3]
+
+
+@pytest.mark.slow
+def test_check_dry_runs_the_jax_steps(digits_dir, tmp_path):
+    """`trainer check` with runtime.backend = "jax": the plan names the
+    backend and the two devices, each phase dry-runs the jitted JAX step, and
+    nothing is written."""
+    proc = trainer(
+        "check",
+        "--job=jobs/digits.toml",
+        f"--workdir={tmp_path / 'w'}",
+        f"--set=data.train={digits_dir}/train-*.tfrecord",
+        f"--set=data.validation={digits_dir}/validation-*.tfrecord",
+        "--set=model.backbone=mobilenetv2",
+        "--set=phases.finetune.trainable_from=block_16_expand",
+        ON_JAX,
+        env=JAX_ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"backend\s+jax\n", proc.stdout), proc.stdout
+    assert re.search(r"num_replicas\s+2\n", proc.stdout), proc.stdout
+    assert proc.stdout.count("2 steps of batch 4") == 2, proc.stdout
+    assert proc.stdout.count("no (the JAX backend trains on images)") == 2
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
