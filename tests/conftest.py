@@ -47,3 +47,14 @@ def reference(gcs_server, digits_dir, tmp_path_factory):
 
     scratch = str(tmp_path_factory.mktemp("reference"))
     return test_resume.reference_run(digits_dir, scratch)
+
+
+@pytest.fixture(scope="session")
+def preempted(gcs_server, digits_dir, tmp_path_factory):
+    """One small run stopped by SIGTERM past its 4th step (tests/test_resume.py's
+    `preempted_run`), shared by the tests that resume copies of it (xdist_group
+    "preempted")."""
+    from tests import test_resume
+
+    scratch = str(tmp_path_factory.mktemp("preempted"))
+    return test_resume.preempted_run(digits_dir, scratch)

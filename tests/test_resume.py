@@ -369,12 +369,11 @@ class Preempted(Workdir):
     seconds: float  # From SIGTERM to exit.
 
 
-@pytest.fixture(scope="session")
-def preempted(gcs_server, digits_dir, tmp_path_factory) -> Preempted:
-    """One run stopped by SIGTERM past its 4th step. Each test resumes its own
-    byte-for-byte copy of the workdir (see `copy_workdir`)."""
+def preempted_run(digits_dir: str, scratch: str) -> Preempted:
+    """One run stopped by SIGTERM past its 4th step (conftest's `preempted`
+    fixture). Each test resumes its own byte-for-byte copy of the workdir
+    (see `copy_workdir`)."""
     left = Preempted(new_bucket(), "preempted")
-    scratch = str(tmp_path_factory.mktemp("preempted"))
     args = train_args(digits_dir, left.url)
     left.run, left.code, left.seconds = _preempt_with_sigterm(
         left.bucket, left.prefix, args, scratch, min_latest=4

@@ -8,16 +8,15 @@ from typing import Any
 
 from trainer import backend
 
-tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+backend.prepare_keras()  # Before Keras: picks its backend, mutes TensorFlow.
 
 import numpy as np  # noqa: E402
 
 from trainer import (  # noqa: E402
     config,
-    feature_cache,
     input_pipeline,
     models,
-    steps,
+    step_math,
     storage,
     train,
 )
@@ -36,21 +35,21 @@ def check(
     Returns:
       The plan as a dict (also printed as a table).
     """
-    with train.setup_runtime(spec) as rt:
+    backend_name = backend.select(spec.runtime.backend)
+    with train.setup_runtime(spec, backend_name) as rt:
         train.check_batch(spec, rt)
         plan = _plan(spec, workdir, rt)
         storage.check_writable(workdir)
-        with rt.strategy.scope():
+        engine = train.make_engine(rt)
+        with engine.scope():
             model = models.build_model(spec)
         weight_bytes = _nbytes(model.variables)
-        feature_cache.check_spec(spec, rt, model)
+        train.check_feature_cache(spec, rt, model)
         for phase in spec.phases:
-            row = _dry_run(spec, rt, model, phase, dry_run_steps)
+            row = _dry_run(spec, engine, model, phase, dry_run_steps)
             row["checkpoint_bytes"] += weight_bytes
             # The dry run itself reads images: it writes no cache.
-            row["feature_cache"] = feature_cache.decide(
-                spec, phase, rt, model
-            ).describe()
+            row["feature_cache"] = _feature_cache(spec, phase, rt, model)
             plan["phases"].append(row)
     _print_plan(plan)
     return plan
@@ -74,8 +73,18 @@ def _plan(spec, workdir: str, rt) -> dict[str, Any]:
     }
 
 
-def _dry_run(spec, rt, model, phase, n: int) -> dict[str, Any]:
+def _feature_cache(spec, phase, rt, model) -> str:
+    """Whether the phase would train on cached features, and why."""
+    if rt.backend == "jax":
+        return "no (the JAX backend trains on images)"
+    from trainer import feature_cache
+
+    return feature_cache.decide(spec, phase, rt, model).describe()
+
+
+def _dry_run(spec, engine, model, phase, n: int) -> dict[str, Any]:
     """`n` steps of `phase` with a tiny batch; the phase's row of the plan."""
+    rt = engine.rt
     train.set_trainable(model, spec, phase)
     trainable = models.count_params(model)["trainable"]
     if phase.epochs == 0:
@@ -87,9 +96,10 @@ def _dry_run(spec, rt, model, phase, n: int) -> dict[str, Any]:
             "checkpoint_bytes": 0,
             "dry_run": "skipped (epochs = 0)",
         }
-    jit = train.resolve_jit(spec, phase, rt)
-    with rt.strategy.scope():
-        optimizer = steps.make_optimizer(
+    # JAX compiles every step (train._Run._jit).
+    jit = True if rt.backend == "jax" else train.resolve_jit(spec, phase, rt)
+    with engine.scope():
+        optimizer = step_math.make_optimizer(
             spec.train.optimizer, phase.learning_rate, rt.precision
         )
         optimizer.build(model.trainable_variables)
@@ -97,25 +107,21 @@ def _dry_run(spec, rt, model, phase, n: int) -> dict[str, Any]:
     tiny = dataclasses.replace(
         spec, train=dataclasses.replace(spec.train, global_batch_size=batch)
     )
-    dataset = rt.strategy.distribute_datasets_from_function(
-        lambda ctx: input_pipeline.train_dataset(tiny, epoch=0, input_context=ctx).take(
-            n * steps.local_replicas(ctx)
-        )
+    batches = engine.train_batches(
+        tiny, epoch=0, start_step=0, batches=n, tally=None, features=None
     )
     start = time.perf_counter()
-    step_fn = steps.make_train_step(
+    step_fn = engine.make_train_step(
         model,
         optimizer,
-        rt.strategy,
         num_classes=spec.data.num_classes,
         global_batch=batch,
         jit=jit,
     )
     try:
-        sums = steps.to_numpy(step_fn(iter(dataset), tf.constant(n), tf.constant(0)))
-    except tf.errors.OpError as e:
-        steps.explain_determinism(e, phase.name)
-        input_pipeline.reraise_data_error(e)
+        sums = engine.run_steps(step_fn, batches, n, 0, short_ok=False)
+    except engine.op_error as e:
+        engine.explain(e, phase.name)
     seconds = time.perf_counter() - start
     if not np.isfinite(sums["loss"]):
         raise TrainingError(

@@ -122,6 +122,10 @@ class RuntimeConfig:
     # (a VM gone without closing its connections) fails instead of hanging;
     # so does a start waiting for a worker that never comes up.
     collective_timeout_seconds: float = 600.0
+    # Which framework Keras runs on (trainer/backend.py): "auto" picks JAX where
+    # TensorFlow cannot drive the hardware (a TPU without tensorflow-tpu, as on
+    # Colab and Kaggle) or is not installed, TensorFlow otherwise.
+    backend: Literal["auto", "tensorflow", "jax"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

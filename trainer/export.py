@@ -19,7 +19,9 @@ from typing import Any
 
 from trainer import backend
 
-tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+# Before Keras, which imports it loudly. None without TensorFlow (the JAX
+# backend): then only model.keras is written (see `export_step`).
+tf = backend.import_tensorflow_or_none()
 
 import keras  # noqa: E402
 
@@ -27,10 +29,8 @@ from trainer import (  # noqa: E402
     checkpoint_catalog,
     checkpoint_format,
     config,
-    input_pipeline,
     models,
     reports,
-    steps,
     storage,
     workdir,
 )
@@ -122,6 +122,8 @@ def export_step(
     Raises:
       CheckpointError: the checkpoint is damaged or does not fit the spec.
     """
+    if keras.backend.backend() != "tensorflow" and tf is not None:
+        return _export_on_tensorflow(root, step, weights)
     folder = storage.join(
         workdir.checkpoints(root), checkpoint_catalog.checkpoint_name(step)
     )
@@ -131,7 +133,15 @@ def export_step(
         model, None, {k: v for k, v in arrays.items() if k.startswith("model/")}
     )
     reports.export(model, root)
-    version, url = _write_saved_model(_serving_archive(model, spec), root)
+    version = url = note = None
+    if tf is None:
+        note = (
+            "no SavedModel: TensorFlow is not installed here; run `trainer "
+            f"export --workdir={root} --step={step}` where it is"
+        )
+        print(f"note: {note}")
+    else:
+        version, url = _write_saved_model(_serving_archive(model, spec), root)
     record = {
         "step": step,
         "weights": weights,
@@ -144,7 +154,39 @@ def export_step(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"
         ),
+        **({"note": note} if note else {}),
     }
+    storage.write_json(workdir.export_record(root), record)
+    return record
+
+
+def _export_on_tensorflow(root: str, step: int, weights: str) -> dict[str, Any]:
+    """The export of a run on the JAX backend: `trainer export` on TensorFlow.
+
+    The SavedModel's endpoint decodes image bytes with TensorFlow ops around
+    the model; Keras on JAX can only put the model in one through jax2tf
+    (keras-team/keras#19134, #20906), another program than the TensorFlow
+    backend's. A TensorFlow process exports what a TensorFlow run would, from
+    the same committed checkpoint, at the cost of its start (seconds).
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    command = [sys.executable, "-m", "trainer", "export"]
+    done = subprocess.run(
+        [*command, f"--workdir={root}", f"--step={step}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"exporting step {step} on TensorFlow failed (exit {done.returncode}): "
+            f"{done.stderr[-2000:]}"
+        )
+    record = storage.read_json(workdir.export_record(root))
+    record["weights"] = weights
     storage.write_json(workdir.export_record(root), record)
     return record
 
@@ -174,6 +216,8 @@ def serving_function(model: keras.Model, spec: config.JobSpec):
       "class_name": string [batch], "class_probability": float32 [batch], the
       probability of the class returned}.
     """
+    from trainer import input_pipeline, steps
+
     size, n = spec.data.image_size, spec.data.num_classes
     names = tf.constant(spec.class_names())
     pixels_spec = tf.TensorSpec([size, size, 3], tf.uint8)
@@ -270,6 +314,8 @@ def load_spec(root: str) -> config.JobSpec:
     Raises:
       NotFound: `root` holds no run.
     """
+    from trainer import input_pipeline
+
     job_url = workdir.job(root)
     if not storage.exists(job_url):
         raise NotFound(

@@ -45,7 +45,9 @@ from trainer.records import (  # noqa: F401
     with_class_names,
 )
 
-tf = backend.import_tensorflow()
+# None without TensorFlow (the JAX backend on a TPU runtime): the reader
+# (trainer.records) needs none; the tf.data stages here do.
+tf = backend.import_tensorflow_or_none()
 PREFETCH_CHUNKS = 2  # Chunks buffered in tf.data between the reader and decode.
 
 

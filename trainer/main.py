@@ -197,6 +197,9 @@ def _spec(flag_values: flags.FlagValues):
 
 def _train(flag_values: flags.FlagValues, args: list[str]) -> None:
     spec, workdir = _spec(flag_values), _workdir(flag_values)
+    from trainer import backend
+
+    backend.select(spec.runtime.backend)  # Before Keras is imported: it reads it once.
     from trainer import preemption, train
 
     deadline = flag_values.deadline
@@ -206,6 +209,9 @@ def _train(flag_values: flags.FlagValues, args: list[str]) -> None:
 
 def _check(flag_values: flags.FlagValues, args: list[str]) -> None:
     spec, workdir = _spec(flag_values), _workdir(flag_values)
+    from trainer import backend
+
+    backend.select(spec.runtime.backend)  # Before Keras is imported: it reads it once.
     from trainer import check
 
     check.check(spec, workdir)

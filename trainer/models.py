@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from trainer import backend
 
-backend.import_tensorflow()  # Before Keras: it imports TensorFlow, banner and all.
+backend.prepare_keras()  # Before Keras: picks its backend, mutes TensorFlow.
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -1070,11 +1070,30 @@ def assign_variables(
         keys; nothing is assigned then.
     """
     keyed = _keyed_variables(model, optimizer)
+    arrays = {k: _integers_as(keyed.get(k), a) for k, a in arrays.items()}
     problems = _mismatches(keyed, arrays)
     if problems:
         raise CheckpointError(f"checkpoint does not match the model: {problems}")
     for key, v in keyed.items():
         v.assign(arrays[key])
+
+
+def _integers_as(variable, array: np.ndarray) -> np.ndarray:
+    """An integer array in the variable's integer dtype, when every value fits.
+
+    The backends keep counters in other widths (Keras on TensorFlow: int64
+    optimizer iterations and seed-generator states; on JAX without x64: int32
+    and uint32), so a checkpoint written on one resumes on the other.
+    """
+    if variable is None:
+        return array
+    dtype = np.dtype(variable.dtype)
+    if dtype == array.dtype or not (
+        np.issubdtype(dtype, np.integer) and np.issubdtype(array.dtype, np.integer)
+    ):
+        return array
+    cast = array.astype(dtype)
+    return cast if np.array_equal(cast, array) else array
 
 
 def _mismatches(keyed: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:

@@ -10,7 +10,9 @@ from typing import Any
 
 from trainer import backend
 
-tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+# Before Keras, which imports it loudly; None on a machine without TensorFlow
+# (the JAX backend), where TensorBoard's own event writer takes over.
+tf = backend.import_tensorflow_or_none()
 
 import numpy as np  # noqa: E402
 
@@ -50,11 +52,14 @@ def describe_export(record: dict[str, Any]) -> str:
         "last": "the last weights",
         "step": "the weights of the step asked for",
     }[record["weights"]]
-    return (
-        f"exported {what}, step {record['step']}\n"
-        f"model: {record['model']}\n"
+    serving = (
         f"serving: {record['saved_model']} (TF Serving version {record['version']}, "
         "signature 'serving_default', input 'image_bytes')"
+        if record.get("saved_model")
+        else f"serving: none ({record.get('note', 'no SavedModel')})"
+    )
+    return (
+        f"exported {what}, step {record['step']}\nmodel: {record['model']}\n{serving}"
     )
 
 
@@ -79,15 +84,22 @@ class Logs:
         self.url = workdir.logs(root)
         self.enabled = enabled
         self.local = tempfile.mkdtemp(prefix="trainer-logs-")
-        self.writer = tf.summary.create_file_writer(self.local) if enabled else None
+        self.writer = None
+        if enabled and tf is not None:
+            self.writer = tf.summary.create_file_writer(self.local)
+        elif enabled:
+            self.writer = _EventWriter(self.local)
 
     def write(self, record: dict[str, Any], step: int) -> None:
         """The record's scalars at `step`, then the logs copied to the workdir."""
-        if not self.enabled:
+        if self.writer is None:
             return
-        with self.writer.as_default(step=step):
-            for k, v in record.items():
-                if isinstance(v, float):
+        scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+        if isinstance(self.writer, _EventWriter):
+            self.writer.scalars(scalars, step)
+        else:
+            with self.writer.as_default(step=step):
+                for k, v in scalars.items():
                     tf.summary.scalar(k, v)
         self.writer.flush()
         storage.put(self.local, self.url)
@@ -96,6 +108,36 @@ class Logs:
         if self.writer is not None:
             self.writer.close()
         shutil.rmtree(self.local, ignore_errors=True)
+
+
+class _EventWriter:
+    """Scalars as TensorBoard event files without TensorFlow: the `tensorboard`
+    package's own writer (which tensorboardX and PyTorch use too)."""
+
+    def __init__(self, folder: str):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._writer = EventFileWriter(folder)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(
+            value=[
+                summary_pb2.Summary.Value(tag=k, simple_value=v)
+                for k, v in values.items()
+            ]
+        )
+        event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
+        self._writer.add_event(event)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def export(model, root: str) -> None:

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Iterator
 
+import numpy as np
+
 from trainer import config
 from trainer.errors import SetupError, SpecError
 
@@ -251,9 +253,11 @@ class Runtime:
     is_chief: bool
     platform: str
     workers: int = 1  # Processes training in lock step (MultiWorkerMirroredStrategy).
+    backend: str = "tensorflow"  # "jax": `strategy` is then a jax.sharding.Mesh.
 
     def describe(self) -> dict[str, object]:
         return {
+            "backend": self.backend,
             "strategy": self.strategy_name,
             "device_type": self.device_type,
             "precision": self.precision,
@@ -266,15 +270,26 @@ class Runtime:
 
 @contextlib.contextmanager
 def setup(
-    rt: config.RuntimeConfig, *, deterministic: bool = False, seed: int = 0
+    rt: config.RuntimeConfig,
+    *,
+    deterministic: bool = False,
+    seed: int = 0,
+    backend_name: str = "tensorflow",
 ) -> Iterator[Runtime]:
     """Builds the strategy and sets the precision policy for one run.
+
+    With `backend_name = "jax"` the "strategy" is a device mesh
+    (`setup_jax`); the TensorFlow one follows.
 
     Must enter before any other TensorFlow op: MultiWorkerMirroredStrategy and
     the TPU system can only be initialised on a fresh context. On exit, the
     precision policy and op determinism are put back as they were, so a
     notebook's next run (or its own Keras code) starts from its own choices.
     """
+    if backend_name == "jax":
+        with setup_jax(rt, deterministic=deterministic, seed=seed) as runtime:
+            yield runtime
+        return
     from trainer import backend
 
     tf = backend.import_tensorflow()
@@ -311,6 +326,152 @@ def setup(
             )
         finally:
             keras.mixed_precision.set_global_policy(policy)
+
+
+@contextlib.contextmanager
+def setup_jax(
+    rt: config.RuntimeConfig, *, deterministic: bool = False, seed: int = 0
+) -> Iterator[Runtime]:
+    """The JAX backend's runtime: a 1-D "batch" mesh over the run's devices.
+
+    Several processes (TF_CONFIG or Vertex AI's CLUSTER_SPEC, as for
+    TensorFlow; a multi-host Cloud TPU slice) first join one JAX cluster
+    (`jax_cluster`). Parameters are replicated over the mesh and batches
+    split along it, so the step is data parallel on every kind of device.
+    """
+    from trainer import backend
+
+    tf = backend.import_tensorflow_or_none()
+    import jax
+    import keras
+
+    workers = jax_cluster(rt)
+    devices, name = _jax_devices(jax, rt, workers)
+    device_type = devices[0].platform
+    precision = _jax_precision(rt.mixed_precision, devices)
+    policy = keras.mixed_precision.global_policy()
+    determinism = _op_determinism(tf, deterministic) if tf else contextlib.nullcontext()
+    with determinism:  # TensorFlow, where here, still reads the data.
+        if deterministic:
+            # XLA's CPU and TPU programs are deterministic; on GPUs the
+            # flag --xla_gpu_deterministic_ops=true in XLA_FLAGS makes them so.
+            keras.utils.set_random_seed(seed)
+        keras.mixed_precision.set_global_policy(precision)
+        try:
+            yield Runtime(
+                strategy=jax.sharding.Mesh(np.array(devices), ("batch",)),
+                strategy_name=name,
+                device_type=device_type,
+                precision=precision,
+                num_replicas=len(devices),
+                is_chief=jax.process_index() == 0,
+                platform=detect_platform(),
+                workers=workers,
+                backend="jax",
+            )
+        finally:
+            keras.mixed_precision.set_global_policy(policy)
+
+
+def _jax_devices(jax, rt: config.RuntimeConfig, workers: int):
+    """(devices of the mesh, strategy name) for `runtime.strategy` under JAX."""
+    devices = jax.devices()
+    if rt.strategy in ("cpu", "one_device") and workers > 1:
+        raise SpecError(
+            f'runtime.strategy = "{rt.strategy}" trains on one device, but this '
+            f'run has {workers} processes (TF_CONFIG); set runtime.strategy = "auto"'
+        )
+    if rt.strategy == "cpu":
+        return jax.devices("cpu")[:1], "cpu"
+    if rt.strategy == "one_device":
+        return devices[:1], "one_device"
+    if rt.strategy == "tpu" and devices[0].platform != "tpu":
+        raise SpecError(
+            'runtime.strategy = "tpu", but JAX finds no TPU (devices: '
+            f"{devices[0].platform}); install jax[tpu] on the TPU VM, or set "
+            'runtime.strategy = "auto"'
+        )
+    if rt.strategy == "multiworker" and workers == 1:
+        raise SpecError(
+            'runtime.strategy = "multiworker" with runtime.backend = "jax" needs '
+            "several processes (TF_CONFIG or CLUSTER_SPEC naming them); set "
+            'runtime.strategy = "auto" for one machine'
+        )
+    if rt.strategy != "auto":
+        return devices, rt.strategy
+    if workers > 1:
+        return devices, "multiworker"
+    if devices[0].platform == "tpu":
+        return devices, "tpu"
+    return devices, "mirrored" if len(devices) > 1 else "one_device"
+
+
+def _jax_precision(requested: str, devices) -> str:
+    """`runtime.mixed_precision` for JAX: bfloat16 where the chips have it.
+
+    float16 needs loss scaling, which Keras' stateless optimizer API does not
+    carry through a jitted step here: bfloat16 (same range as float32) needs
+    none, and TPUs and NVIDIA GPUs from Ampere (8.0) on compute it natively.
+    """
+    platform = devices[0].platform
+    if requested == "mixed_float16":
+        raise SpecError(
+            'runtime.mixed_precision = "mixed_float16" is not supported with '
+            'runtime.backend = "jax"; set "mixed_bfloat16" (TPUs, GPUs from '
+            'Ampere on) or "auto"'
+        )
+    if requested != "auto":
+        return requested
+    if platform == "tpu":
+        return "mixed_bfloat16"
+    if platform == "gpu":
+        capability = str(getattr(devices[0], "compute_capability", "0"))
+        if float(capability or 0) >= 8.0:
+            return "mixed_bfloat16"
+    return "float32"
+
+
+def jax_cluster(rt: config.RuntimeConfig, environ=None) -> int:
+    """Joins this process to its JAX cluster; returns the number of processes.
+
+    The cluster is TF_CONFIG's (or Vertex AI's CLUSTER_SPEC's) chief and
+    workers, in that order: process 0 (the chief) hosts JAX's coordination
+    service at its TF_CONFIG address. A multi-host Cloud TPU slice (several
+    TPU_WORKER_HOSTNAMES) is found by JAX itself. One process: nothing to do.
+    """
+    import jax
+
+    env = os.environ if environ is None else environ
+    tf_config = tf_config_from_cluster_spec(env)
+    if tf_config:
+        os.environ["TF_CONFIG"] = tf_config
+    n = tf_config_workers()
+    pod = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h])
+    if jax.distributed.is_initialized() or (n <= 1 and pod <= 1):
+        return jax.process_count()
+    timeout = int(rt.collective_timeout_seconds)
+    if n <= 1:  # A TPU pod slice: JAX reads the topology from the TPU VM.
+        jax.distributed.initialize(initialization_timeout=timeout)
+        return jax.process_count()
+    raw = json.loads(os.environ["TF_CONFIG"])
+    cluster, task = raw.get("cluster", {}), raw.get("task", {})
+    tasks = [
+        (j, i) for j in ("chief", "worker") for i in range(len(cluster.get(j, [])))
+    ]
+    try:
+        process_id = tasks.index((task.get("type"), int(task.get("index", -1))))
+    except ValueError:
+        raise SetupError(
+            f"TF_CONFIG's task {task} is not one of its chief or workers"
+        ) from None
+    first = cluster[tasks[0][0]][0]
+    jax.distributed.initialize(
+        coordinator_address=first,
+        num_processes=n,
+        process_id=process_id,
+        initialization_timeout=timeout,
+    )
+    return jax.process_count()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""The compiled steps: a `tf.function` of n training steps, and evaluation, per strategy."""
+"""The TensorFlow backend's steps: a `tf.function` of n training steps, and
+evaluation, per strategy; `Engine` puts them behind the loop's backend seam."""
 
 from __future__ import annotations
 
@@ -12,21 +13,11 @@ import keras  # noqa: E402
 
 from trainer import input_pipeline  # noqa: E402
 from trainer.errors import SpecError  # noqa: E402
-
-
-def make_optimizer(name: str, learning_rate: float, precision: str):
-    """The spec's optimizer, with loss scaling under float16."""
-    cls = {
-        "adam": keras.optimizers.Adam,
-        "adamw": keras.optimizers.AdamW,
-        "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate, momentum=0.9),
-        "rmsprop": keras.optimizers.RMSprop,
-    }[name]
-    optimizer = cls(learning_rate=learning_rate)
-    if precision == "mixed_float16":
-        # float16 gradients underflow without loss scaling (Keras mixed precision guide).
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
+from trainer.step_math import (  # noqa: E402, F401  (steps.make_optimizer etc.)
+    accumulate,
+    make_optimizer,
+    train_metrics,
+)
 
 
 def classes(outputs, num_classes: int):
@@ -210,15 +201,74 @@ def to_numpy(tensors: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def accumulate(total: dict[str, Any], sums: dict[str, Any]) -> None:
-    for k, v in sums.items():
-        total[k] = total.get(k, 0.0) + v
+class Engine:
+    """The TensorFlow backend as `train._Run` drives it (jax_steps.Engine is
+    the JAX one): a tf.distribute strategy and `tf.function` steps, whose
+    variables are the Keras model's and optimizer's own."""
 
+    name = "tensorflow"
+    # What the loop catches from the steps and the input: every OpError, and
+    # the ones of a collective that lost a worker.
+    op_error = tf.errors.OpError
+    lost_peer_errors = (
+        tf.errors.UnavailableError,
+        tf.errors.DeadlineExceededError,
+        tf.errors.CancelledError,
+        tf.errors.AbortedError,
+    )
 
-def train_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """Mean loss and accuracy from the sums of `train_steps`."""
-    count = max(float(sums.get("count", 0.0)), 1.0)
-    return {
-        "loss": float(sums.get("loss", 0.0)) / count,
-        "accuracy": float(sums.get("correct", 0.0)) / count,
-    }
+    def __init__(self, rt):
+        self.rt = rt
+
+    def scope(self):
+        return self.rt.strategy.scope()
+
+    def make_train_step(self, model, optimizer, **kwargs):
+        return make_train_step(model, optimizer, self.rt.strategy, **kwargs)
+
+    def make_eval_step(self, model, **kwargs):
+        return make_eval_step(model, self.rt.strategy, **kwargs)
+
+    def train_batches(self, spec, *, epoch, start_step, batches, tally, features):
+        """`batches` training batches of the epoch from `start_step` on,
+        distributed over the replicas; with `features`, the same records'
+        cached features in the same order."""
+
+        def dataset_fn(ctx):
+            kwargs = {
+                "epoch": epoch,
+                "start_step": start_step,
+                "input_context": ctx,
+                "tally": tally,
+            }
+            if features is None:
+                ds = input_pipeline.train_dataset(spec, **kwargs)
+            else:
+                ds = input_pipeline.feature_train_dataset(
+                    spec, features["train"], **kwargs
+                )
+            return ds.take(batches * local_replicas(ctx))
+
+        return iter(self.rt.strategy.distribute_datasets_from_function(dataset_fn))
+
+    def run_steps(self, train_fn, iterator, n: int, flag: int, *, short_ok: bool):
+        """`n` steps' sums; None when the data ran out first and `short_ok`."""
+        try:
+            return to_numpy(train_fn(iterator, tf.constant(n), tf.constant(flag)))
+        except tf.errors.OutOfRangeError:
+            if not short_ok:
+                raise
+            return None
+
+    def evaluate(self, eval_fn, spec, tally, pass_key, features):
+        return evaluate(eval_fn, spec, self.rt.strategy, tally, pass_key, features)
+
+    def sync(self) -> None:
+        """Nothing to do: the steps update the Keras variables themselves."""
+
+    def explain(self, e: Exception, phase_name: str) -> None:
+        """Raises what a user can act on for an OpError `e`, else `e` itself."""
+        explain_determinism(e, phase_name)
+        # Reader errors cross tf.data as OpErrors; give back the DataError
+        # (shard URL, offset, remedy) that caused one.
+        input_pipeline.reraise_data_error(e)

@@ -14,7 +14,7 @@ from typing import Any
 
 from trainer import backend
 
-tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+backend.prepare_keras()  # Before Keras: picks its backend, mutes TensorFlow.
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,13 +23,12 @@ from trainer import (  # noqa: E402
     checkpoint,
     config,
     export,
-    feature_cache,
     input_pipeline,
     models,
     preemption,
     reports,
     runtime,
-    steps,
+    step_math,
     storage,
     workdir,
 )
@@ -122,6 +121,9 @@ def run(
       preemption.Preempted: stopped by a signal or deadline after a durable
         checkpoint; running again resumes.
     """
+    # Before anything imports Keras' backend-specific parts; a notebook whose
+    # Keras runs on another backend stops here (exit 2), before any work.
+    backend_name = backend.select(spec.runtime.backend)
     done = reports.completed_summary(workdir)
     # Class names from the shards' manifest (trainer convert's folder names),
     # recorded in job.json with the spec, when the spec names none.
@@ -132,7 +134,7 @@ def run(
             f"{json.dumps(done['metrics'])}"
         )
         return done
-    with setup_runtime(spec) as rt:
+    with setup_runtime(spec, backend_name) as rt:
         ckpt = checkpoint.CheckpointManager(
             workdir,
             keep=spec.train.keep_checkpoints,
@@ -159,12 +161,15 @@ def run(
 
 
 @contextlib.contextmanager
-def setup_runtime(spec):
+def setup_runtime(spec, backend_name: str = "tensorflow"):
     """`runtime.setup` for a job; workers that never came up stop this one as
     preempted (exit 75): Vertex AI restarts it, and rerunning once they are up
     works."""
     setup = runtime.setup(
-        spec.runtime, deterministic=spec.train.deterministic, seed=spec.train.seed
+        spec.runtime,
+        deterministic=spec.train.deterministic,
+        seed=spec.train.seed,
+        backend_name=backend_name,
     )
     with contextlib.ExitStack() as stack:
         try:
@@ -190,11 +195,12 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
         # Python's global `random` too, so a retried request above would
         # otherwise change the model a run starts from.
         keras.utils.set_random_seed(spec.train.seed)
-    with rt.strategy.scope():
+    engine = make_engine(rt)
+    with engine.scope():
         model = models.build_model(spec)
     for phase in spec.phases:  # A typo in phase 2 fails now, not in an hour.
         set_trainable(model, spec, phase)
-    feature_cache.check_spec(spec, rt, model)
+    check_feature_cache(spec, rt, model)
     state, arrays = _restore(ckpt, spec)
     watcher = preemption.PreemptionWatcher(
         deadline_seconds=deadline_seconds,
@@ -213,6 +219,7 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
             spec=spec,
             root=root,
             rt=rt,
+            engine=engine,
             ckpt=ckpt,
             model=model,
             state=state,
@@ -223,6 +230,36 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
     finally:
         watcher.stop()
         logs.close()
+
+
+def check_feature_cache(spec, rt: runtime.Runtime, model) -> None:
+    """`data.cache_features = true` needs a phase that can use the cache.
+
+    The cache feeds tf.distribute: the JAX backend trains on images.
+    """
+    if rt.backend == "jax":
+        if spec.data.cache_features is True:
+            raise SpecError(
+                "data.cache_features = true cannot be used with runtime.backend = "
+                '"jax" (it trains on images); set data.cache_features = "auto" '
+                '(or false), or runtime.backend = "tensorflow"'
+            )
+        return
+    from trainer import feature_cache
+
+    feature_cache.check_spec(spec, rt, model)
+
+
+def make_engine(rt: runtime.Runtime):
+    """The backend's steps, data and error handling (steps.Engine for
+    TensorFlow, jax_steps.Engine for JAX), imported only when used."""
+    if rt.backend == "jax":
+        from trainer import jax_steps
+
+        return jax_steps.Engine(rt)
+    from trainer import steps
+
+    return steps.Engine(rt)
 
 
 def _durable_note(ckpt) -> str:
@@ -248,6 +285,7 @@ class _Run:
     state: TrainState
     watcher: preemption.PreemptionWatcher
     logs: reports.Logs
+    engine: Any = None  # steps.Engine or jax_steps.Engine: see make_engine.
     started: bool = False  # Whether this process ran a training step yet.
 
     @property
@@ -257,6 +295,7 @@ class _Run:
 
     def train(self, arrays) -> dict[str, Any]:
         """The phases from the state on, then the export; the summary of the run."""
+        self._record_backend()
         try:
             if arrays is not None and self.state.phase_index >= len(self.spec.phases):
                 # Trained, but not yet exported: the model weights are all we need.
@@ -265,18 +304,27 @@ class _Run:
                 self._train_phase(arrays)
                 arrays = None  # Restored slots belong to one phase only.
             return self._finish()
-        except tf.errors.OpError as e:
+        except self.engine.op_error as e:
             gone = self._peer_gone(e)
             if gone is not None:
                 self._write_preempted_summary()
                 raise gone from None
-            steps.explain_determinism(e, self.phase.name)
-            # Reader errors cross tf.data as OpErrors; give back the DataError
-            # (shard URL, offset, remedy) that caused one.
-            input_pipeline.reraise_data_error(e)
+            self.engine.explain(e, self.phase.name)
         except preemption.Preempted:
             self._write_preempted_summary()
             raise
+
+    def _record_backend(self) -> None:
+        """The backend goes into every checkpoint; a resume on the other one
+        says so (weights, slots and counters carry over, numerics differ
+        within float32 rounding: see tests/test_backends.py)."""
+        before = self.state.runtime.get("backend", "tensorflow")
+        if self.state.global_step and before != self.engine.name:
+            print(
+                f"note: resuming a checkpoint written on the {before} backend on "
+                f"{self.engine.name}"
+            )
+        self.state.runtime["backend"] = self.engine.name
 
     def _write_preempted_summary(self) -> None:
         if self.rt.is_chief:
@@ -290,12 +338,7 @@ class _Run:
         variables. Running again (on every worker) resumes from the last
         committed checkpoint, as after a kill -9.
         """
-        lost = (
-            tf.errors.UnavailableError,
-            tf.errors.DeadlineExceededError,
-            tf.errors.CancelledError,
-            tf.errors.AbortedError,
-        )
+        lost = self.engine.lost_peer_errors
         if self.rt.workers == 1 or not isinstance(e, lost):
             return None
         text = str(e)
@@ -314,7 +357,7 @@ class _Run:
 
     def _train_phase(self, arrays) -> None:
         """One phase from the state on: epochs of steps, validation, checkpoints."""
-        spec, phase, rt = self.spec, self.phase, self.rt
+        spec, phase = self.spec, self.phase
         if phase.epochs == 0:
             self._skip_phase(phase, arrays)
             return
@@ -328,17 +371,16 @@ class _Run:
         forward = None
         if features is not None:  # The head alone, on the cached features.
             forward = functools.partial(models.apply_head, self.model)
-        train_fn = steps.make_train_step(
+        train_fn = self.engine.make_train_step(
             self.model,
             optimizer,
-            rt.strategy,
             num_classes=spec.data.num_classes,
             global_batch=spec.train.global_batch_size,
             jit=jit,
             forward=forward,
         )
-        eval_fn = steps.make_eval_step(
-            self.model, rt.strategy, num_classes=spec.data.num_classes, forward=forward
+        eval_fn = self.engine.make_eval_step(
+            self.model, num_classes=spec.data.num_classes, forward=forward
         )
         while (epoch := self.state.position(per_epoch)[0]) < phase.epochs:
             self._train_epoch(train_fn, optimizer, per_epoch, features)
@@ -354,6 +396,10 @@ class _Run:
         """The cached features {split: Features} this phase trains on, or None."""
         if self.state.position(per_epoch)[0] >= phase.epochs:
             return None  # Resumed at the phase's end: nothing left to train.
+        if self.engine.name == "jax":
+            return None  # See check_feature_cache.
+        from trainer import feature_cache
+
         decision = feature_cache.decide(self.spec, phase, self.rt, self.model)
         print(f"phase {phase.name!r} on cached features: {decision.describe()}")
         if not decision.use:
@@ -373,7 +419,14 @@ class _Run:
         """The current epoch's remaining steps, with periodic and preemption saves."""
         spec, state = self.spec, self.state
         epoch, step = state.position(per_epoch)
-        iterator = iter(self._train_data(epoch, step, per_epoch, features))
+        iterator = self.engine.train_batches(
+            spec,
+            epoch=self._epoch_key(epoch),
+            start_step=step,
+            batches=per_epoch - step,
+            tally=state.corrupt,
+            features=features,
+        )
         print(f"{self.phase.name} epoch {epoch + 1}/{self.phase.epochs}")
         bar = keras.utils.Progbar(per_epoch, verbose=_progbar_verbosity())
         bar.update(step)
@@ -391,50 +444,24 @@ class _Run:
             agreed = sums.pop("stop", 0) > 0
             step += n
             state.global_step += n
-            steps.accumulate(state.train_sums, sums)
-            bar.update(step, steps.train_metrics(state.train_sums).items())
+            step_math.accumulate(state.train_sums, sums)
+            bar.update(step, step_math.train_metrics(state.train_sums).items())
             self._check_finite(sums["loss"])
             self._stop_if_preempted(optimizer, agreed=agreed)
             if itstime(state.global_step, every):
                 self._save(optimizer)
 
-    def _train_data(self, epoch: int, step: int, per_epoch: int, features):
-        """The epoch's batches from `step` on, distributed over the replicas.
-
-        With `features`, the same records' cached features in the same order.
-        """
-        key = self._epoch_key(epoch)
-
-        def dataset_fn(ctx):
-            kwargs = {
-                "epoch": key,
-                "start_step": step,
-                "input_context": ctx,
-                "tally": self.state.corrupt,
-            }
-            if features is None:
-                ds = input_pipeline.train_dataset(self.spec, **kwargs)
-            else:
-                ds = input_pipeline.feature_train_dataset(
-                    self.spec, features["train"], **kwargs
-                )
-            return ds.take((per_epoch - step) * steps.local_replicas(ctx))
-
-        return self.rt.strategy.distribute_datasets_from_function(dataset_fn)
-
     def _run_steps(self, train_fn, iterator, n: int) -> dict[str, Any] | None:
         """`n` training steps' sums; None when the epoch's data ran out first."""
-        try:
-            # Several workers: what this one was told goes to all (see
-            # `_stop_if_preempted`).
-            flag = int(self.rt.workers > 1 and self.watcher.reason() is not None)
-            sums = steps.to_numpy(train_fn(iterator, tf.constant(n), tf.constant(flag)))
-        except tf.errors.OutOfRangeError:
-            if self.spec.data.on_corrupt != "skip":
-                raise
-            # With data.on_corrupt = "skip", undecodable images are dropped
-            # inside tf.data, so the epoch can be short of batches. The global
-            # step still moves to the epoch's end: positions stay the schedule's.
+        # Several workers: what this one was told goes to all (see
+        # `_stop_if_preempted`).
+        flag = int(self.rt.workers > 1 and self.watcher.reason() is not None)
+        # With data.on_corrupt = "skip", undecodable images are dropped inside
+        # tf.data, so the epoch can be short of batches. The global step still
+        # moves to the epoch's end: positions stay the schedule's.
+        short_ok = self.spec.data.on_corrupt == "skip"
+        sums = self.engine.run_steps(train_fn, iterator, n, flag, short_ok=short_ok)
+        if sums is None:
             log.warning("epoch ended early: records were skipped")
             print(
                 "\nwarning: epoch ended early (corrupt records skipped; see "
@@ -477,10 +504,9 @@ class _Run:
     def _end_epoch(self, eval_fn, optimizer, epoch: int, features) -> bool:
         """Validation, the epoch's record and checkpoint; True to stop early."""
         spec, state = self.spec, self.state
-        val = steps.evaluate(
+        val = self.engine.evaluate(
             eval_fn,
             spec,
-            self.rt.strategy,
             state.corrupt,
             self._epoch_key(epoch),
             features=None if features is None else features["validation"],
@@ -489,7 +515,7 @@ class _Run:
             "phase": self.phase.name,
             "epoch": epoch + 1,
             "global_step": state.global_step,
-            **steps.train_metrics(state.train_sums),
+            **step_math.train_metrics(state.train_sums),
             "val_loss": val["val_loss"],
             "val_accuracy": val["val_accuracy"],
         }
@@ -535,6 +561,7 @@ class _Run:
         return {
             "status": status,
             "name": self.spec.name,
+            "backend": self.engine.name,
             "phase": self.phase.name,
             "global_step": state.global_step,
             "last_durable_step": self.ckpt.last_durable_step,
@@ -550,6 +577,15 @@ class _Run:
 
     def _jit(self, phase) -> bool:
         """The phase's jit_compile; on resume, the choice recorded in the checkpoint."""
+        if self.rt.backend == "jax":
+            # JAX compiles every phase's step (op by op it would crawl); the
+            # recorded choices are TensorFlow's, kept for a resume there.
+            if self.spec.phase_jit(phase) is False:
+                print(
+                    f"note: jit_compile = false for phase {phase.name!r} is for "
+                    "TensorFlow: the JAX backend compiles every step"
+                )
+            return True
         recorded = self.state.runtime.get("jit", {}).get(phase.name)
         unsupported = models.jit_unsupported(self.rt.device_type, self.rt.num_replicas)
         if recorded and unsupported:  # Resumed on other hardware.
@@ -562,8 +598,8 @@ class _Run:
 
     def _optimizer(self, phase, arrays):
         """The phase's optimizer, with its slots restored if they are its own."""
-        with self.rt.strategy.scope():
-            optimizer = steps.make_optimizer(
+        with self.engine.scope():
+            optimizer = step_math.make_optimizer(
                 self.spec.train.optimizer, phase.learning_rate, self.rt.precision
             )
             optimizer.build(self.model.trainable_variables)
@@ -585,7 +621,7 @@ class _Run:
             f"trainable_from={phase.trainable_from!r}, trainable params "
             f"{trainable:,}, lr {phase.learning_rate:g}, jit_compile={jit}, "
             f"{per_epoch} steps/epoch x {phase.epochs} epochs, "
-            f"{rt.strategy_name} x{rt.num_replicas}"
+            f"{rt.strategy_name} x{rt.num_replicas}, backend {self.engine.name}"
         )
 
     def _epoch_key(self, epoch: int) -> int:
@@ -599,6 +635,7 @@ class _Run:
         The snapshot is a callable so the manager takes it only once the previous
         upload is done: at most two copies of the state are ever in host memory.
         """
+        self.engine.sync()  # JAX: the variables take the step's values first.
         state = self.state
         # asdict deep-copies fields; the tally (with its lock) goes as its entries.
         payload = dataclasses.asdict(dataclasses.replace(state, corrupt=None))
