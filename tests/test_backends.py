@@ -353,3 +353,70 @@ def test_check_dry_runs_the_jax_steps(digits_dir, tmp_path):
     assert proc.stdout.count("2 steps of batch 4") == 2, proc.stdout
     assert proc.stdout.count("no (the JAX backend trains on images)") == 2
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
+@pytest.mark.slow
+def test_without_tensorflow_the_digits_job_runs_on_jax_from_gs_shards(
+    jax_reference, digits_dir, tmp_path
+):
+    """Colab's TPU runtime, on this CPU: `import tensorflow` fails in the
+    trainer process (a sitecustomize blocks it), the shards are on gs://, and
+    the run reads them through np_input. Its batches are tf.data's bit for bit
+    (tests/test_np_input.py), so it ends exactly where the JAX reference ends.
+    Then `trainer predict`, still without TensorFlow, serves model.keras."""
+    from trainer import storage
+
+    data = f"{new_bucket()}/digits"
+    for name in sorted(os.listdir(digits_dir)):
+        if name.startswith("train-") or name == "validation-00000-of-00007.tfrecord":
+            storage.put(os.path.join(digits_dir, name), f"{data}/{name}")
+    blocker = tmp_path / "no-tensorflow"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        'import sys\nsys.modules["tensorflow"] = None  # Any import of it fails.\n'
+    )
+    env = {**JAX_ENV, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
+    run = Workdir(new_bucket(), "no-tf")
+    proc = Run(train_args(data, run.url, ON_JAX), str(tmp_path), env=env)
+    assert proc.wait(300) == 0, proc.describe()
+    assert "no SavedModel: TensorFlow is not installed here" in proc.stdout
+    sa, sb = (
+        summary(jax_reference.bucket, jax_reference.prefix),
+        summary(run.bucket, run.prefix),
+    )
+    assert sb["backend"] == "jax" and sb["history"] == sa["history"]
+    (ref_arrays, _), (arrays, _) = (
+        checkpoint_arrays(w.url) for w in (jax_reference, run)
+    )
+    assert sorted(arrays) == sorted(ref_arrays)
+    for key, value in ref_arrays.items():
+        assert np.array_equal(arrays[key], value), f"{key} differs without TF"
+
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
+    predicted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "predict",
+            f"--workdir={run.url}",
+            str(image),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    line = predicted.stdout.strip().splitlines()[-1].split("\t")
+    assert line[0] == str(image) and 0.0 < float(line[2]) <= 1.0
+
+
+def checkpoint_arrays(url: str):
+    from trainer import checkpoint
+
+    return checkpoint.CheckpointManager(url, is_chief=False).restore()

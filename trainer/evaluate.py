@@ -9,7 +9,10 @@ from typing import Any
 
 from trainer import backend
 
-tf = backend.import_tensorflow()  # Before Keras, which imports it loudly.
+backend.prepare_keras()  # Picks the backend; imports TensorFlow (muted) if installed.
+# None where TensorFlow is not installed (Colab's TPU runtimes): `predict` then
+# runs model.keras on Keras' JAX backend, its images decoded by np_image.
+tf = backend.import_tensorflow_or_none()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,8 +22,8 @@ from trainer import (  # noqa: E402,F401  (models registers the preprocessing la
     export,
     input_pipeline,
     models,
+    np_image,
     reports,
-    steps,
     storage,
     workdir,
 )
@@ -57,6 +60,8 @@ def evaluate(root: str, data: str | None = None) -> dict[str, Any]:
             spec, data=dataclasses.replace(spec.data, validation=data)
         )
     # The validation the training loop runs, on one device.
+    from trainer import steps  # The tf.data evaluation: TensorFlow only.
+
     strategy = tf.distribute.get_strategy()
     eval_fn = steps.make_eval_step(model, strategy, num_classes=spec.data.num_classes)
     val = steps.evaluate(eval_fn, spec, strategy)
@@ -157,7 +162,7 @@ def predict(root: str, urls: list[str]) -> list[dict[str, Any]]:
     exported before it existed has only model.keras, used the same way.
     """
     spec = export.load_spec(root)
-    serving = export.load_serving(root)
+    serving = export.load_serving(root) if tf is not None else None
     keras_model = None if serving is not None else load_run(root)[1]
     names, binary = spec.class_names(), spec.data.num_classes == 1
     header = "image\tclass\tprobability of the class"
@@ -165,20 +170,44 @@ def predict(root: str, urls: list[str]) -> list[dict[str, Any]]:
     results = []
     for url in urls:
         data = _read_image(url)
-        try:
-            if serving is not None:
-                signature = serving.signatures[export.SIGNATURE]
-                out = signature(**{export.INPUT: tf.constant([data])})
-                probs = out["probabilities"].numpy()
-            else:
-                pixels = input_pipeline.decode_for_model(data, spec.data.image_size)
-                probs = keras_model.predict_on_batch(tf.cast(pixels, tf.float32)[None])
-        except tf.errors.InvalidArgumentError:
-            raise DataError(f"{url} is not a JPEG, PNG, GIF or BMP image") from None
+        if serving is not None:
+            probs = _serve(serving, data, url)
+        else:
+            pixels = _pixels(data, spec.data.image_size, url)
+            probs = keras.ops.convert_to_numpy(
+                keras_model.predict_on_batch(pixels.astype(np.float32)[None])
+            )
         results.append(_result(url, np.asarray(probs[0], np.float64), names, binary))
         line = f"{url}\t{results[-1]['name']}\t{results[-1]['probability']:.4f}"
         print(line + (f"\t{results[-1]['positive']:.4f}" if binary else ""))
     return results
+
+
+def _not_an_image(url: str) -> DataError:
+    return DataError(f"{url} is not a JPEG, PNG, GIF or BMP image")
+
+
+def _serve(serving, data: bytes, url: str) -> np.ndarray:
+    """The SavedModel's serving signature on one image's bytes."""
+    try:
+        out = serving.signatures[export.SIGNATURE](
+            **{export.INPUT: tf.constant([data])}
+        )
+    except tf.errors.InvalidArgumentError:
+        raise _not_an_image(url) from None
+    return out["probabilities"].numpy()
+
+
+def _pixels(data: bytes, size: int, url: str) -> np.ndarray:
+    """The model's input pixels: tf.data's decode, or its numpy twin without TF."""
+    try:
+        if tf is not None:
+            return input_pipeline.decode_for_model(data, size).numpy()
+        return np_image.resize(np_image.decode(data), size)
+    except Exception as e:  # TF's InvalidArgumentError, Pillow's errors.
+        if tf is not None and not isinstance(e, tf.errors.InvalidArgumentError):
+            raise
+        raise _not_an_image(url) from None
 
 
 def _read_image(url: str) -> bytes:
@@ -189,7 +218,8 @@ def _read_image(url: str) -> bytes:
 
 def _result(url: str, probs: np.ndarray, names: list[str], binary: bool) -> dict:
     """One image's prediction; a binary job's output is P(names[1])."""
-    cls = int(steps.classes(probs[None], 1 if binary else len(names))[0])
+    # steps.classes' rule (sigmoid > 0.5, else argmax), on numpy.
+    cls = int(probs[0] > 0.5) if binary else int(np.argmax(probs))
     if binary:
         positive = float(probs[0])
         p = positive if cls else 1.0 - positive
