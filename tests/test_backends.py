@@ -13,7 +13,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 
 from tests.test_cli import ROOT, assert_bad_input, run, trainer
+from tests.test_multiworker import _free_ports
 from tests.test_resume import (
     TOTAL_STEPS,
     Run,
@@ -156,16 +156,6 @@ def test_tf_checkpoint_resumes_on_jax(
     record = json.loads(w.bucket.read(f"{w.prefix}export/export.json"))
     assert record["saved_model"].endswith("/export/saved_model/1"), record
     assert_close_run(w, reference, step)
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.mark.slow
