@@ -166,6 +166,8 @@ def test_a_tpu_that_this_tensorflow_cannot_drive_is_exit_2(tmp_path):
         "check",
         "--job=jobs/digits.toml",
         f"--workdir={tmp_path}/w",
+        # Asked for by name: `auto` takes JAX here (test_backends.py).
+        "--set=runtime.backend=tensorflow",
         env={"TPU_ACCELERATOR_TYPE": "v5litepod-8"},
     )
     assert_bad_input(
