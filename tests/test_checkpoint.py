@@ -413,6 +413,17 @@ def small_model(keras):
     return keras.Model(inputs, outputs)
 
 
+def compiled_small_model(keras):
+    """`small_model`, seeded and compiled with Adam, and its data to fit."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 32)
+    model = small_model(keras)
+    optimizer = keras.optimizers.Adam(1e-2)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(True))
+    return model, optimizer, x, y
+
+
 def test_device_snapshot_stays_exact_while_training_goes_on():
     """The checkpoint's snapshot defers its host copy (to the background
     thread): what it holds must not move with the updates that follow, from
@@ -422,12 +433,7 @@ def test_device_snapshot_stays_exact_while_training_goes_on():
 
     from trainer import models
 
-    keras.utils.set_random_seed(0)
-    x = np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)
-    y = np.random.default_rng(1).integers(0, 3, 32)
-    model = small_model(keras)
-    optimizer = keras.optimizers.Adam(1e-2)
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(True))
+    model, optimizer, x, y = compiled_small_model(keras)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     held = models.device_snapshot(model, optimizer)
     before = models.snapshot_variables(model, optimizer)
@@ -451,12 +457,7 @@ def test_snapshot_and_assign_keras(tmp_path):
     keras = pytest.importorskip("keras")
     from trainer import models
 
-    keras.utils.set_random_seed(0)
-    x = np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)
-    y = np.random.default_rng(1).integers(0, 3, 32)
-    model = small_model(keras)
-    optimizer = keras.optimizers.Adam(1e-2)
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(True))
+    model, optimizer, x, y = compiled_small_model(keras)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 steps
     snapshot = models.snapshot_variables(model, optimizer)
     assert int(snapshot["optimizer/iteration"]) == 4
