@@ -478,7 +478,7 @@ def test_xla_recorded_on_one_replica_is_dropped_on_two(capsys):
         platform="local",
     )
     state = train.TrainState(runtime={"jit": {"finetune": True, "transfer": False}})
-    loop = train._Run(spec, "w", rt, None, None, state, None, None)
+    loop = train._Run(spec, "w", rt, None, None, state, None, None, engine=None)
     assert loop._jit(spec.phases[1]) is False
     assert state.runtime["jit"]["finetune"] is False
     assert "phase 'finetune' continues without XLA" in capsys.readouterr().out

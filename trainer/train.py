@@ -285,7 +285,7 @@ class _Run:
     state: TrainState
     watcher: preemption.PreemptionWatcher
     logs: reports.Logs
-    engine: Any = None  # steps.Engine or jax_steps.Engine: see make_engine.
+    engine: Any  # steps.Engine or jax_steps.Engine: see make_engine.
     started: bool = False  # Whether this process ran a training step yet.
 
     @property
