@@ -410,3 +410,35 @@ def checkpoint_arrays(url: str):
     from trainer import checkpoint
 
     return checkpoint.CheckpointManager(url, is_chief=False).restore()
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "data.cache_features=true",
+            r'data.cache_features = true cannot be used with runtime.backend = "jax"'
+            r'.*data.cache_features = "auto"',
+        ),
+        (
+            "runtime.strategy=tpu",
+            r'runtime.strategy = "tpu", but JAX finds no TPU.*runtime.strategy = "auto"',
+        ),
+        (
+            "runtime.strategy=multiworker",
+            r'runtime.strategy = "multiworker" with runtime.backend = "jax" needs '
+            r'several processes.*runtime.strategy = "auto"',
+        ),
+    ],
+)
+def test_what_jax_cannot_do_is_exit_2(setting, message, digits_dir, tmp_path):
+    proc = trainer(
+        "train",
+        "--job=jobs/digits.toml",
+        f"--workdir={tmp_path / 'w'}",
+        f"--set=data.train={digits_dir}/train-*.tfrecord",
+        f"--set=data.validation={digits_dir}/validation-*.tfrecord",
+        "--set=runtime.backend=jax",
+        f"--set={setting}",
+    )
+    assert_bad_input(proc, message)
