@@ -69,10 +69,14 @@ def jax_reference(gcs_server, digits_dir, tmp_path_factory) -> Workdir:
     return ref
 
 
-def assert_close_run(resumed: Workdir, ref: Workdir, resumed_from: int) -> None:
+def assert_close_run(resumed: Workdir, ref: Workdir, carried: int) -> None:
     """`resumed` ended where `ref` did, within RTOL/ATOL (see above): same
-    steps and epochs, history equal up to the resumed step, final
-    checkpoint arrays close (integers equal)."""
+    steps and epochs, the first `carried` records (those in the checkpoint it
+    resumed from) equal, the rest and the final checkpoint arrays close
+    (integers equal). Not "every record up to the resumed step": a
+    step-interval checkpoint can land on an epoch's last step before its
+    validation ran, which the resume recomputes (on the other backend:
+    close, not equal)."""
     from trainer import checkpoint
 
     sa, sb = summary(resumed.bucket, resumed.prefix), summary(ref.bucket, ref.prefix)
@@ -80,8 +84,8 @@ def assert_close_run(resumed: Workdir, ref: Workdir, resumed_from: int) -> None:
     assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
     ha, hb = sa["history"], sb["history"]
     assert [h["global_step"] for h in ha] == [h["global_step"] for h in hb]
-    for a, b in zip(ha, hb, strict=True):
-        if a["global_step"] <= resumed_from:
+    for i, (a, b) in enumerate(zip(ha, hb, strict=True)):
+        if i < carried:
             assert a == b  # Carried over in the checkpoint, not recomputed.
         else:
             for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
@@ -118,7 +122,8 @@ def test_jax_kill_9_and_resume_is_bit_exact_then_resumes_on_tf(
     assert killed.wait() == -signal.SIGKILL, killed.describe()
     step = b.bucket.latest(b.prefix)
     assert 4 <= step < TOTAL_STEPS, step
-    assert state_of(b.bucket, b.prefix, step)["runtime"]["backend"] == "jax"
+    state = state_of(b.bucket, b.prefix, step)
+    assert state["runtime"]["backend"] == "jax"
     on_tf = copy_workdir(b, gcs_bucket, "on-tf")
 
     again = run_jax(train_args(digits_dir, b.url, ON_JAX), scratch)
@@ -131,7 +136,7 @@ def test_jax_kill_9_and_resume_is_bit_exact_then_resumes_on_tf(
     assert tf_run.wait(300) == 0, tf_run.describe()
     assert "written on the jax backend on tensorflow" in tf_run.stdout
     assert summary(on_tf.bucket, on_tf.prefix)["backend"] == "tensorflow"
-    assert_close_run(on_tf, jax_reference, step)
+    assert_close_run(on_tf, jax_reference, len(state["history"]))
 
 
 @pytest.mark.slow
@@ -155,7 +160,7 @@ def test_tf_checkpoint_resumes_on_jax(
     # The export of a JAX run is TensorFlow's (a `trainer export` process).
     record = json.loads(w.bucket.read(f"{w.prefix}export/export.json"))
     assert record["saved_model"].endswith("/export/saved_model/1"), record
-    assert_close_run(w, reference, step)
+    assert_close_run(w, reference, len(state["history"]))
 
 
 @pytest.mark.slow
