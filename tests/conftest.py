@@ -42,7 +42,8 @@ def reference(gcs_server, digits_dir, tmp_path_factory):
     """One uninterrupted small run on the emulator (tests/test_resume.py's
     `train_args`), shared by the tests that compare a disturbed run against it:
     the same arguments give the same weights bit for bit. Those tests share
-    the xdist_group "reference" so one worker runs it once."""
+    the xdist_group "reference" so one worker runs it once (each pytest-xdist
+    worker has its own session, and its own emulator)."""
     from tests import test_resume
 
     scratch = str(tmp_path_factory.mktemp("reference"))
@@ -52,8 +53,8 @@ def reference(gcs_server, digits_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def preempted(gcs_server, digits_dir, tmp_path_factory):
     """One small run stopped by SIGTERM past its 4th step (tests/test_resume.py's
-    `preempted_run`), shared by the tests that resume copies of it (xdist_group
-    "preempted")."""
+    `preempted_run`), shared by the tests that resume copies of it. They are
+    in the xdist_group "reference" too: one of them compares with `reference`."""
     from tests import test_resume
 
     scratch = str(tmp_path_factory.mktemp("preempted"))

@@ -91,7 +91,9 @@ def cached_reference(gcs_server, digits_dir, tmp_path_factory):
     return url, done.stdout
 
 
+# The two tests of `cached_reference` share a worker, so it runs once.
 @pytest.mark.slow
+@pytest.mark.xdist_group("cached")
 def test_cached_phase_reaches_the_uncached_head(digits_dir, cached_reference, tmp_path):
     url, out = cached_reference
     assert "phase 'transfer' on cached features: yes" in out
@@ -125,6 +127,7 @@ def test_cached_phase_reaches_the_uncached_head(digits_dir, cached_reference, tm
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cached")
 def test_kill_9_mid_cached_phase_resumes_bit_exact(
     gcs_server, digits_dir, cached_reference, tmp_path
 ):
@@ -285,7 +288,9 @@ def test_cache_true_where_it_cannot_work_is_exit_2(
 
 
 def test_check_plan_says_whether_and_how_big(digits, tmp_path, capsys):
-    proc = run(capsys, "check", *job_args(digits, str(tmp_path / "run")))
+    # 12 epochs x (10 x 16 + 359) passes without the cache, 1,797 to build it.
+    long = job_args(digits, str(tmp_path / "run"), "phases.transfer.epochs=12")
+    proc = run(capsys, "check", *long)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln.strip() for ln in proc.stdout.splitlines() if "feature_cache" in ln]
     assert lines == [
@@ -293,14 +298,16 @@ def test_check_plan_says_whether_and_how_big(digits, tmp_path, capsys):
         "feature_cache     no (trainable_from = 'res5a_branch2a' trains the backbone; "
         "14.0 MiB in float32)",
     ]
-    small = run(
-        capsys,
-        "check",
-        *job_args(digits, str(tmp_path / "run"), "data.cache_budget_mb=10"),
-    )
+    small = run(capsys, "check", *long, "--set=data.cache_budget_mb=10")
     assert "feature_cache     no (over data.cache_budget_mb = 10; 14.0 MiB" in (
         small.stdout
     )
+    # FAST's 2 epochs read a fraction of the split: building costs more.
+    short = run(capsys, "check", *job_args(digits, str(tmp_path / "run")))
+    assert (
+        "feature_cache     no (building it takes 1,797 backbone passes, more "
+        "than the 1,038 the phase makes without it; 14.0 MiB in float32)"
+    ) in short.stdout
     assert not (tmp_path / "run" / "cache").exists()
 
 

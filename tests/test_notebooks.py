@@ -25,7 +25,11 @@ pytest.importorskip("ipykernel")
 pytestmark = pytest.mark.slow  # Each test trains in a fresh notebook kernel.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# test_resume's small MobileNetV2 (the runners are what these tests are about).
 TINY = [
+    "model.backbone=mobilenetv2",
+    "model.dense=[32]",
+    "phases.finetune.trainable_from=block_16_expand",
     "phases.transfer.epochs=1",
     "phases.finetune.epochs=1",
     "phases.transfer.steps_per_epoch=2",
@@ -127,7 +131,7 @@ def _digits_overrides(tmp_path) -> list[str]:
     convert.convert_sample_digits(data, shards=2)
     return [
         f"data.train={data}/train-*.tfrecord",
-        f"data.validation={data}/validation-*.tfrecord",
+        f"data.validation={data}/validation-00000-of-00002.tfrecord",
         *TINY,
     ]
 

@@ -381,7 +381,7 @@ def preempted_run(digits_dir: str, scratch: str) -> Preempted:
     return left
 
 
-@pytest.mark.xdist_group("preempted")
+@pytest.mark.xdist_group("reference")
 def test_sigterm_saves_current_step_and_exits_75(
     preempted, gcs_bucket, digits_dir, tmp_path
 ):
@@ -458,7 +458,7 @@ def _state_not_json(bucket, folder: str) -> None:
         "state_not_json",
     ],
 )
-@pytest.mark.xdist_group("preempted")
+@pytest.mark.xdist_group("reference")
 def test_bad_newest_checkpoint_falls_back(
     preempted, gcs_bucket, digits_dir, tmp_path, damage, reported
 ):

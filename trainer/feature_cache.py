@@ -134,9 +134,36 @@ def decide(spec, phase, rt, model) -> Decision:
     budget = spec.data.cache_budget_mb
     if blocked is None and setting == "auto" and nbytes > budget * 2**20:
         blocked = f"over data.cache_budget_mb = {budget}"
+    if blocked is None and setting == "auto":
+        blocked = _costs_more_than_it_saves(spec, phase)
     if blocked:
         return Decision(False, blocked, nbytes, dtype)
     return Decision(True, "frozen backbone, no augmentation", nbytes, dtype)
+
+
+def _costs_more_than_it_saves(spec, phase) -> str | None:
+    """Why building the cache costs more backbone passes than `phase` saves.
+
+    Building runs every record of both splits through the backbone once; the
+    phase without it runs epochs x (its training images + the validation
+    split). A short phase over a large split (a dry run, a few steps per
+    epoch) reads most records never, and would wait for all of them. Counted
+    over the whole phase, not what is left of it, so that a resumed run
+    decides as the first one did.
+    """
+    records = {s: input_pipeline.split_info(spec, s)["records"] for s in SPLITS}
+    per_epoch = input_pipeline.steps_per_epoch(spec)
+    if phase.steps_per_epoch:
+        per_epoch = min(per_epoch, phase.steps_per_epoch)
+    train_images = per_epoch * spec.train.global_batch_size
+    without = phase.epochs * (train_images + records["validation"])
+    build = records["train"] + records["validation"]
+    if build < without:
+        return None
+    return (
+        f"building it takes {build:,} backbone passes, more than the "
+        f"{without:,} the phase makes without it"
+    )
 
 
 def check_spec(spec, rt, model) -> None:
