@@ -31,10 +31,11 @@ demo: $(VENV)/.cpu $(DEMO_DATA)/manifest.json
 
 # Two pytest workers (pytest-xdist): most of the suite waits on subprocesses
 # that import TensorFlow. Tests that share an expensive run are kept on one
-# worker by their xdist_group.
+# worker by their xdist_group. The 20 slowest are listed at the end: where
+# the suite's time goes, in every CI log.
 PYTEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=20
 
 # The inner loop: everything but the slow marker (trainings in subprocesses,
 # notebooks, multi-process runs); CI runs the whole suite.

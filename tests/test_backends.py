@@ -438,3 +438,4 @@ def test_what_jax_cannot_do_is_exit_2(setting, message, digits_dir, tmp_path):
         f"--set={setting}",
     )
     assert_bad_input(proc, message)
+    assert not (tmp_path / "w").exists()  # Refused before anything is written.

@@ -38,6 +38,7 @@ def check(
     backend_name = backend.select(spec.runtime.backend)
     with train.setup_runtime(spec, backend_name) as rt:
         train.check_batch(spec, rt)
+        train.check_backend(spec, rt)
         plan = _plan(spec, workdir, rt)
         storage.check_writable(workdir)
         engine = train.make_engine(rt)

@@ -135,13 +135,13 @@ def decide(spec, phase, rt, model) -> Decision:
     if blocked is None and setting == "auto" and nbytes > budget * 2**20:
         blocked = f"over data.cache_budget_mb = {budget}"
     if blocked is None and setting == "auto":
-        blocked = _costs_more_than_it_saves(spec, phase)
+        blocked = cost_obstacle(spec, phase)
     if blocked:
         return Decision(False, blocked, nbytes, dtype)
     return Decision(True, "frozen backbone, no augmentation", nbytes, dtype)
 
 
-def _costs_more_than_it_saves(spec, phase) -> str | None:
+def cost_obstacle(spec, phase) -> str | None:
     """Why building the cache costs more backbone passes than `phase` saves.
 
     Building runs every record of both splits through the backbone once; the

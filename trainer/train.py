@@ -187,6 +187,7 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
        the seed.
     """
     check_batch(spec, rt)
+    check_backend(spec, rt)
     _record_spec(spec, root, rt.is_chief)
     ckpt.claim()
     if spec.train.deterministic:
@@ -232,18 +233,21 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
         logs.close()
 
 
-def check_feature_cache(spec, rt: runtime.Runtime, model) -> None:
-    """`data.cache_features = true` needs a phase that can use the cache.
+def check_backend(spec, rt: runtime.Runtime) -> None:
+    """What the spec asks of the backend, before the model is built: the
+    feature cache feeds tf.distribute, and the JAX backend trains on images."""
+    if rt.backend == "jax" and spec.data.cache_features is True:
+        raise SpecError(
+            "data.cache_features = true cannot be used with runtime.backend = "
+            '"jax" (it trains on images); set data.cache_features = "auto" '
+            '(or false), or runtime.backend = "tensorflow"'
+        )
 
-    The cache feeds tf.distribute: the JAX backend trains on images.
-    """
+
+def check_feature_cache(spec, rt: runtime.Runtime, model) -> None:
+    """`data.cache_features = true` needs a phase that can use the cache
+    (on TensorFlow: check_backend refuses it on JAX)."""
     if rt.backend == "jax":
-        if spec.data.cache_features is True:
-            raise SpecError(
-                "data.cache_features = true cannot be used with runtime.backend = "
-                '"jax" (it trains on images); set data.cache_features = "auto" '
-                '(or false), or runtime.backend = "tensorflow"'
-            )
         return
     from trainer import feature_cache
 
