@@ -437,17 +437,19 @@ class _FlakyFS(fsspec.implementations.memory.MemoryFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         f = super()._open(path, mode, **kwargs)
-        if "r" in mode:
-            read = f.read
-
-            def flaky_read(*args):
-                if _FlakyFS.failures > 0:
-                    _FlakyFS.failures -= 1
-                    raise ConnectionResetError(104, "Connection reset by peer")
-                return read(*args)
-
-            f.read = flaky_read
+        if "r" in mode:  # Both ways of reading (the reader uses readinto).
+            f.read, f.readinto = _flaky(f.read), _flaky(f.readinto)
         return f
+
+
+def _flaky(read):
+    def flaky_read(*args):
+        if _FlakyFS.failures > 0:
+            _FlakyFS.failures -= 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return read(*args)
+
+    return flaky_read
 
 
 def test_transient_errors_are_retried(caplog):
