@@ -30,6 +30,7 @@ BLOCK_SIZE = 4 * 1024 * 1024  # Bytes per read from a shard in an object store.
 # keeps 4 MB: every read is a request, and its latency is paid per block.
 LOCAL_BLOCK_SIZE = 1024 * 1024
 RETRIES = 5  # Attempts after a transient object-store error.
+RETRY_DELAY = 0.5  # Seconds before the first retry; doubled for each next.
 REMEDY = (
     're-create the shard with `trainer convert`, or set data.on_corrupt = "skip" '
     "to drop corrupt records (they are counted and reported in summary.json)"
@@ -141,7 +142,7 @@ class _BlockFile:
     def readinto(self, into: memoryview) -> int:
         """Reads the next block (up to block_size bytes) into `into`; 0 at the end."""
         into = into[: self.block_size]
-        delay = 0.5
+        delay = RETRY_DELAY
         for attempt in range(RETRIES + 1):
             try:
                 if self._f is None:
@@ -375,7 +376,7 @@ class _Frames:
         tail = self._view[self._pos : self._end].tobytes()
         have = len(tail)
         self._base += self._pos
-        if have + self._block > len(self._buf):  # First read, or a long record.
+        if max(have + self._block, need) > len(self._buf):  # First, or a long record.
             # Room for a block plus a partial frame: reused for every block.
             self._view.release()
             self._buf = bytearray(max(self._block, need) + max(have, self._block // 4))
