@@ -261,12 +261,30 @@ def report(runs: dict, sizes, kind: str, unit: str, target) -> None:
             )
 
 
+def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    picked = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in picked if x not in allowed]
+    if bad or not picked:
+        raise SystemExit(f"{flag}: received {text!r}; expected some of {allowed}")
+    return picked
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n32", type=int, default=20000)
     parser.add_argument("--n224", type=int, default=8000)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (>= 5)")
+    parser.add_argument(
+        "--rows",
+        default="raw,decoded",
+        help="which rows to run: raw, decoded or both (comma-separated)",
+    )
+    parser.add_argument(
+        "--sizes", default="32,224", help="image sizes to run: 32, 224 or both"
+    )
     args = parser.parse_args()
+    kinds = _choices(args.rows, ("raw", "decoded"), "--rows")
+    sizes = tuple(int(x) for x in _choices(args.sizes, ("32", "224"), "--sizes"))
     tmp = tempfile.mkdtemp(prefix="bench-input-")
     stats = tfrecord.ReadStats()
     t = time.perf_counter()
@@ -290,26 +308,30 @@ def main() -> None:
         storage.put(tmp, "gs://bench/shards")
         cases = {}
         for prefix, size in (("s32", 32), ("s224", 224)):
+            if size not in sizes:
+                continue
             local = spec_for(os.path.join(tmp, prefix), size)
             remote = spec_for(f"gs://bench/shards/{prefix}", size)
             files = input_pipeline.list_shards(local.data.train)
             a, b, c = VARIANTS
-            cases[(size, "raw", a)] = (native_raw, files)
-            cases[(size, "raw", b)] = (ours_raw, local, stats)
-            cases[(size, "raw", c)] = (ours_raw, remote, stats)
-            cases[(size, "decoded", a)] = (native_decoded, local, files)
-            cases[(size, "decoded", b)] = (ours_decoded, local)
-            cases[(size, "decoded", c)] = (ours_decoded, remote)
+            if "raw" in kinds:
+                cases[(size, "raw", a)] = (native_raw, files)
+                cases[(size, "raw", b)] = (ours_raw, local, stats)
+                cases[(size, "raw", c)] = (ours_raw, remote, stats)
+            if "decoded" in kinds:
+                cases[(size, "decoded", a)] = (native_decoded, local, files)
+                cases[(size, "decoded", b)] = (ours_decoded, local)
+                cases[(size, "decoded", c)] = (ours_decoded, remote)
         runs = run_rounds(cases, args.rounds, psutil.Process(server._process.pid))
     finally:
         server.stop()
 
-    sizes = (32, 224)
     print(f"\nmedians of {args.rounds} interleaved rounds")
-    report(runs, sizes, "decoded", "img/s", TARGETS.get)
-    report(
-        runs, sizes, "raw", "rec/s", lambda v: RAW_TARGET if v == VARIANTS[2] else None
-    )
+    if "decoded" in kinds:
+        report(runs, sizes, "decoded", "img/s", TARGETS.get)
+    if "raw" in kinds:
+        raw_goal = lambda v: RAW_TARGET if v == VARIANTS[2] else None  # noqa: E731
+        report(runs, sizes, "raw", "rec/s", raw_goal)
     print(
         f"\nreader buffer high-water mark (raw reads): {stats.max_buffer_bytes:,} "
         f"bytes; load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())}"

@@ -164,8 +164,21 @@ def test_split_info_counts_from_manifest_or_cached_count(tmp_path, digits_dir):
     os.remove(os.path.join(data, "manifest.json"))
     info = input_pipeline.split_info(spec, "validation")
     assert info["records"] == 359 and len(info["shards"]) == 7
-    cache = storage.read_json(os.path.join(data, input_pipeline.COUNTS_CACHE))
+    cache_path = os.path.join(data, input_pipeline.COUNTS_CACHE)
+    cache = storage.read_json(cache_path)
     assert sum(v["records"] for v in cache.values()) == 359
+    # Counts still valid (sizes from the listing match): the cache is not
+    # written again; a shard that changed size is read and counted again.
+    written = os.stat(cache_path).st_mtime_ns
+    assert input_pipeline.split_info(spec, "validation")["records"] == 359
+    assert os.stat(cache_path).st_mtime_ns == written
+    shard = info["shards"][0]
+    with open(shard, "ab") as f:
+        f.write(tfrecord.frame_record(_example()))
+    assert input_pipeline.split_info(spec, "validation")["records"] == 360
+    assert storage.read_json(cache_path)[os.path.basename(shard)]["records"] == (
+        cache[os.path.basename(shard)]["records"] + 1
+    )
 
 
 def test_a_second_run_sees_data_added_since_the_first(tmp_path, digits_dir):
@@ -437,17 +450,19 @@ class _FlakyFS(fsspec.implementations.memory.MemoryFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         f = super()._open(path, mode, **kwargs)
-        if "r" in mode:
-            read = f.read
-
-            def flaky_read(*args):
-                if _FlakyFS.failures > 0:
-                    _FlakyFS.failures -= 1
-                    raise ConnectionResetError(104, "Connection reset by peer")
-                return read(*args)
-
-            f.read = flaky_read
+        if "r" in mode:  # Both ways of reading (the reader uses readinto).
+            f.read, f.readinto = _flaky(f.read), _flaky(f.readinto)
         return f
+
+
+def _flaky(read):
+    def flaky_read(*args):
+        if _FlakyFS.failures > 0:
+            _FlakyFS.failures -= 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return read(*args)
+
+    return flaky_read
 
 
 def test_transient_errors_are_retried(caplog):
@@ -459,6 +474,37 @@ def test_transient_errors_are_retried(caplog):
         got = list(tfrecord.read_records("flaky://retry/a.tfrecord"))
     assert got == records and _FlakyFS.failures == 0
     assert caplog.text.count("transient error reading flaky://retry/a.tfrecord") == 2
+
+
+def test_shard_replaced_mid_read(gcs_server, gcs_bucket):
+    """gs:// reads after the first ask for the generation it saw: a shard
+    rewritten mid-read (even with the same bytes) is not spliced."""
+    url = storage.join(gcs_bucket, "train-00000-of-00001.tfrecord")
+    records = [_example(label=i % 10) for i in range(200)]  # ~100 kB
+    _write_shard(url, records)
+    reader = tfrecord.iter_shard(url, block_size=4096)
+    next(reader)
+    _write_shard(url, records)
+    with pytest.raises(DataError, match=r"byte offset 4096 \(it was deleted, moved or"):
+        list(reader)
+    assert list(tfrecord.read_records(url)) == records  # A fresh read is fine.
+
+
+def test_blocks_are_read_into_one_buffer(tmp_path):
+    """No fresh block-sized object per block (each would be new pages from
+    the OS); a record longer than a block grows the buffer once."""
+    url = str(tmp_path / "s.tfrecord")
+    records = [os.urandom(1000) for _ in range(200)] + [os.urandom(50_000)]
+    _write_shard(url, records + records[:10])
+    frames = tfrecord._Frames(url, 8192, None)
+    buffers, got = set(), []
+    while frames.next(len(got), check_length=True):
+        got.append(frames.record())
+        buffers.add(id(frames._buf))
+        frames.advance()
+    frames.close()
+    assert got == records + records[:10]
+    assert len(buffers) == 2  # The first, and one grown for the long record.
 
 
 def test_shard_deleted_mid_read(gcs_server, gcs_bucket):

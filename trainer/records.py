@@ -109,11 +109,16 @@ def list_shards(pattern: str) -> list[str]:
     Raises:
       FileNotFoundError: naming the glob, when nothing matches.
     """
-    shards = [
-        u
-        for u in storage.glob(pattern)
+    return list(_shard_sizes(pattern))
+
+
+def _shard_sizes(pattern: str) -> dict[str, int]:
+    """{shard URL: size} of `list_shards(pattern)`, from one listing."""
+    shards = {
+        u: size
+        for u, size in storage.glob_sizes(pattern).items()
         if storage.basename(u) not in (tfrecord.MANIFEST, COUNTS_CACHE)
-    ]
+    }
     if not shards:
         raise NotFound(
             f"no TFRecord shards match {pattern!r}; check the [data] URL glob, or "
@@ -141,33 +146,38 @@ def split_info(spec, split: str) -> dict[str, Any]:
     if split not in ("train", "validation"):
         raise ValueError(f"split: received {split!r}; expected train or validation")
     pattern = spec.data.train if split == "train" else spec.data.validation
-    shards = list_shards(pattern)
-    counts = _record_counts(shards, spec.data.on_corrupt)
+    sizes = _shard_sizes(pattern)
+    shards = list(sizes)
+    counts = _record_counts(sizes, spec.data.on_corrupt)
     return {"shards": shards, "records": int(sum(counts)), "counts": counts}
 
 
-def _record_counts(shards: list[str], on_corrupt: str) -> list[int]:
+def _record_counts(sizes: dict[str, int], on_corrupt: str) -> list[int]:
+    """Record counts of the shards `sizes` lists ({URL: size}), in its order."""
     found: dict[str, int] = {}
     by_dir: dict[str, list[str]] = collections.defaultdict(list)
-    for url in shards:
+    for url in sizes:
         by_dir[storage.dirname(url)].append(url)
     for folder, urls in by_dir.items():
         known = _manifest_counts(folder)
-        missing = [u for u in urls if storage.basename(u) not in known]
+        missing = {u: sizes[u] for u in urls if storage.basename(u) not in known}
         fresh = _counted(folder, missing, on_corrupt) if missing else {}
         for url in urls:
             name = storage.basename(url)
             found[url] = known[name] if name in known else fresh[name]
-    return [int(found[u]) for u in shards]
+    return [int(found[u]) for u in sizes]
 
 
-def _counted(folder: str, urls: list[str], on_corrupt: str) -> dict[str, int]:
-    """Record counts of shards the manifest does not list: cached, else read."""
+def _counted(folder: str, sizes: dict[str, int], on_corrupt: str) -> dict[str, int]:
+    """Record counts of shards the manifest does not list: cached, else read.
+
+    `sizes` ({URL: size}, from the listing) tells a cached count still valid.
+    """
     cached, cache_url = _cached_counts(folder)
     fresh = {}
-    for url in urls:
+    read = False  # The cache is written again only when a shard was read.
+    for url, size in sizes.items():
         name = storage.basename(url)
-        size = storage.size(url)
         hit = cached.get(name)
         if hit and hit.get("size") == size:
             fresh[name] = hit["records"]
@@ -176,7 +186,8 @@ def _counted(folder: str, urls: list[str], on_corrupt: str) -> dict[str, int]:
         n = sum(1 for _ in frames)
         cached[name] = {"size": size, "records": n}
         fresh[name] = n
-    if fresh and any(cached.get(n, {}).get("records") for n in fresh):
+        read = read or n > 0
+    if read:
         _write_counts_cache(cache_url, folder, cached)
     return fresh
 

@@ -15,6 +15,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
+import urllib.parse
 from typing import Any, Callable, Iterator, TypeVar
 
 from trainer.errors import NotFound, PermissionDenied, TrainerError
@@ -173,13 +174,31 @@ def fingerprint(url: str) -> str:
     return f"{info.get('size')}"
 
 
-@_explained("list")
 def glob(pattern: str) -> list[str]:
     """Sorted URLs matching `pattern`, with the pattern's scheme kept."""
+    return list(glob_sizes(pattern))
+
+
+@_explained("list")
+def glob_sizes(pattern: str) -> dict[str, int]:
+    """{URL: size in bytes} of the files matching `pattern`, sorted by URL.
+
+    One listing: the sizes and file/folder types come with it (an object
+    store would take a request per file to ask again).
+    """
     fs, path = filesystem(pattern)
     if not fsspec.core.has_magic(path):
-        return [pattern] if fs.exists(path) and not fs.isdir(path) else []
-    return sorted(_unstrip(pattern, fs, p) for p in fs.glob(path) if not fs.isdir(p))
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return {}
+        return {} if info["type"] == "directory" else {pattern: int(info["size"])}
+    found = fs.glob(path, detail=True)
+    return {
+        _unstrip(pattern, fs, p): int(info["size"])
+        for p, info in sorted(found.items())
+        if info.get("type") != "directory"
+    }
 
 
 @_explained("list")
@@ -380,6 +399,63 @@ def _gcs_client():
         project=os.environ.get("GOOGLE_CLOUD_PROJECT") or project or None,
         credentials=credentials,
     )
+
+
+# ---------------------------------------------------------------------------
+# Ranged object reads (the TFRecord reader's gs:// transport)
+
+_gcs_http_cache: dict[str, Any] = {}  # endpoint -> authorized urllib3 pool
+_gcs_http_lock = threading.Lock()
+_READ_ONLY = "https://www.googleapis.com/auth/devstorage.read_only"
+
+
+def gcs_media_url(url: str) -> str:
+    """The JSON API media URL of the object `url` (gs://bucket/name), on the
+    emulator when STORAGE_EMULATOR_HOST is set."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    endpoint = "https://storage.googleapis.com"
+    if host:
+        endpoint = host if "://" in host else f"http://{host}"
+    bucket, _, name = url.split("://", 1)[1].partition("/")
+    quoted = urllib.parse.quote(name, safe="")
+    return f"{endpoint.rstrip('/')}/download/storage/v1/b/{bucket}/o/{quoted}?alt=media"
+
+
+def gcs_http():
+    """An authorized urllib3 pool for ranged GETs of objects, shared by threads.
+
+    The TFRecord reader's transport for gs://: a GET through urllib3 costs
+    half the client CPU per MB of gcsfs' read (0.31 against 0.67 ms/MB from
+    fake-gcs-server), whose aiohttp loop runs in one more thread that
+    competes for the GIL with the framing. Credentials are google.auth's
+    application default (refreshed by `AuthorizedHttp`), anonymous on the
+    emulator or where none are found (public buckets), as gcsfs does.
+    """
+    import urllib3
+    from google.auth.transport.urllib3 import AuthorizedHttp
+
+    key = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    with _gcs_http_lock:
+        if key not in _gcs_http_cache:
+            pool = urllib3.PoolManager(
+                maxsize=32, timeout=urllib3.Timeout(connect=20, read=60)
+            )
+            _gcs_http_cache[key] = AuthorizedHttp(_read_credentials(key), http=pool)
+        return _gcs_http_cache[key]
+
+
+def _read_credentials(emulator: str):
+    import google.auth
+    from google.auth import exceptions
+    from google.auth.credentials import AnonymousCredentials
+
+    if emulator:
+        return AnonymousCredentials()
+    try:
+        credentials, _ = google.auth.default(scopes=[_READ_ONLY])
+    except exceptions.DefaultCredentialsError:
+        return AnonymousCredentials()
+    return credentials
 
 
 def _gcs_blob(url: str):
