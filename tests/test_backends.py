@@ -277,6 +277,8 @@ def test_keras_already_on_another_backend_is_exit_2(capsys, tmp_path):
     assert_bad_input(result, r"runtime.backend.*torch.*auto.*tensorflow.*jax")
 
 
+# A JAX process each (about 6 CPU-s): CI, not the fast lane.
+@pytest.mark.slow
 def test_float16_on_jax_is_exit_2(digits_dir, tmp_path):
     proc = trainer(
         "train",
@@ -376,6 +378,7 @@ def test_without_tensorflow_the_digits_job_runs_on_jax_from_gs_shards(
     assert line[0] == str(image) and 0.0 < float(line[2]) <= 1.0
 
 
+@pytest.mark.slow  # A JAX process each: CI, not the fast lane.
 @pytest.mark.parametrize(
     "setting, message",
     [

@@ -287,6 +287,7 @@ def test_cache_true_where_it_cannot_work_is_exit_2(
     assert_bad_input(run(capsys, "check", *args), message)
 
 
+@pytest.mark.slow  # Two dry runs of ResNet50 (about 18 CPU-s).
 def test_check_plan_says_whether_and_how_big(digits, tmp_path, capsys):
     # 12 epochs x (10 x 16 + 359) passes without the cache, 1,797 to build it.
     long = job_args(digits, str(tmp_path / "run"), "phases.transfer.epochs=12")

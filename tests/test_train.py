@@ -369,6 +369,7 @@ def test_mirrored_strategy_on_two_logical_cpus(digits, tmp_path):
     assert summary["status"] == "completed" and summary["global_step"] == 4
 
 
+@pytest.mark.slow  # XLA compiles ResNet50's step (about 10 CPU-s).
 def test_deterministic_xla_conflict_is_explained(digits, tmp_path, capsys):
     """Op determinism has no XLA MaxPool gradient: `check` says which key to change."""
     proc = run(
