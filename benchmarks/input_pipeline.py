@@ -26,12 +26,16 @@ import argparse
 import io
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+# Run as a script: the repository root, for tests.gcs_emulator.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
