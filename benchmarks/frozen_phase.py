@@ -123,7 +123,7 @@ def measure(spec, workdir: str) -> dict[str, float]:
             train.set_trainable(model, spec, phase)
             optimizer = steps.make_optimizer("adam", 1e-3, rt.precision)
             optimizer.build(model.trainable_variables)
-        per_epoch = train.phase_steps(spec, phase)
+        per_epoch = input_pipeline.phase_steps(spec, phase)
         plain = step_fns(spec, rt, model, optimizer, None)
         # Warm up (trace) with one step and a validation, then the measured epoch.
         uncached = [

@@ -318,6 +318,19 @@ def test_check_leaves_no_checkpoint(digits, tmp_path, capsys):
     assert not (workdir / "summary.json").exists()
 
 
+def test_fewer_training_records_than_one_batch(digits, tmp_path, capsys):
+    proc = run(
+        capsys,
+        "check",
+        *job_args(digits, str(tmp_path / "w"), "--set=train.global_batch_size=2048"),
+    )
+    assert_bad_input(
+        proc,
+        r"train-\*\.tfrecord: 1438 training records, fewer than one global batch "
+        r"of 2048; lower train.global_batch_size",
+    )
+
+
 def test_image_size_too_small_for_backbone(digits, tmp_path, capsys):
     proc = run(
         capsys,
@@ -412,14 +425,14 @@ def test_position_follows_from_the_global_step():
 
 def test_first_release_state_resumes_at_the_same_position(digits):
     """A checkpoint from before the single counter: (phase, epoch, step) kept."""
-    from trainer import config, train
+    from trainer import config, input_pipeline, train
 
     overrides = [a.removeprefix("--set=") for a in job_args(digits, "x")[2:]]
     spec = config.load(str(ROOT / "jobs" / "digits.toml"), overrides)
     saved = {"phase_index": 1, "epoch": 0, "step": 1, "global_step": 13}
     state = train._state_from(saved, spec)
     assert state.phase_index == 1 and state.phase_starts[-1] == 12
-    assert state.position(train.phase_steps(spec, spec.phases[1])) == (0, 1)
+    assert state.position(input_pipeline.phase_steps(spec, spec.phases[1])) == (0, 1)
 
 
 @pytest.mark.parametrize(

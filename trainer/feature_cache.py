@@ -152,10 +152,9 @@ def cost_obstacle(spec, phase) -> str | None:
     decides as the first one did.
     """
     records = {s: input_pipeline.split_info(spec, s)["records"] for s in SPLITS}
-    per_epoch = input_pipeline.steps_per_epoch(spec)
-    if phase.steps_per_epoch:
-        per_epoch = min(per_epoch, phase.steps_per_epoch)
-    train_images = per_epoch * spec.train.global_batch_size
+    train_images = (
+        input_pipeline.phase_steps(spec, phase) * spec.train.global_batch_size
+    )
     without = phase.epochs * (train_images + records["validation"])
     build = records["train"] + records["validation"]
     if build < without:

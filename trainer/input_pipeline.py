@@ -40,6 +40,7 @@ from trainer.records import (  # noqa: F401
     _train_stream,
     _worker_share,
     list_shards,
+    phase_steps,
     split_info,
     steps_per_epoch,
     with_class_names,

@@ -277,6 +277,16 @@ def steps_per_epoch(spec) -> int:
     return _steps(spec, split_info(spec, "train")["records"])
 
 
+def phase_steps(spec, phase) -> int:
+    """Training steps in one epoch of `phase`: the split's (`steps_per_epoch`,
+    which refuses fewer records than one batch), or the phase's
+    `steps_per_epoch` when that is fewer."""
+    per_epoch = steps_per_epoch(spec)
+    if phase.steps_per_epoch:
+        per_epoch = min(per_epoch, phase.steps_per_epoch)
+    return per_epoch
+
+
 def _steps(spec, records: int) -> int:
     steps = records // spec.train.global_batch_size
     if steps < 1:

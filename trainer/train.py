@@ -33,7 +33,6 @@ from trainer import (  # noqa: E402
     workdir,
 )
 from trainer.errors import (  # noqa: E402
-    DataError,
     SpecChangedError,
     SpecError,
     StorageError,
@@ -368,7 +367,7 @@ class _Run:
         set_trainable(self.model, spec, phase)
         jit = self._jit(phase)
         optimizer = self._optimizer(phase, arrays)
-        per_epoch = phase_steps(spec, phase)
+        per_epoch = input_pipeline.phase_steps(spec, phase)
         self._print_phase(phase, jit, per_epoch)
         # After the restore: the cache key hashes the backbone's weights.
         features = self._features(phase, per_epoch)
@@ -733,19 +732,6 @@ def resolve_jit(spec, phase, rt: runtime.Runtime) -> bool:
     return bool(value)
 
 
-def phase_steps(spec, phase) -> int:
-    """Training steps in one epoch of `phase`."""
-    per_epoch = input_pipeline.steps_per_epoch(spec)
-    if phase.steps_per_epoch:
-        per_epoch = min(per_epoch, phase.steps_per_epoch)
-    if per_epoch < 1:
-        raise DataError(
-            f"data.train: fewer records than train.global_batch_size="
-            f"{spec.train.global_batch_size}; lower the batch size or add data"
-        )
-    return per_epoch
-
-
 # ---------------------------------------------------------------------------
 # Resume
 
@@ -765,7 +751,7 @@ def _restore(ckpt, spec) -> tuple[TrainState, dict | None]:
     phase = spec.phases[min(state.phase_index, len(spec.phases) - 1)]
     epoch, step = (0, 0)
     if state.phase_index < len(spec.phases):
-        epoch, step = state.position(phase_steps(spec, phase))
+        epoch, step = state.position(input_pipeline.phase_steps(spec, phase))
     print(
         f"resuming from step {state.global_step}: phase {phase.name!r}, "
         f"epoch {epoch + 1}, step {step} in the epoch"
@@ -784,7 +770,7 @@ def _state_from(saved: dict[str, Any], spec) -> TrainState:
         index = saved["phase_index"]
         into = 0
         if index < len(spec.phases):
-            per_epoch = phase_steps(spec, spec.phases[index])
+            per_epoch = input_pipeline.phase_steps(spec, spec.phases[index])
             into = saved["epoch"] * per_epoch + saved["step"]
         state.phase_starts = [0] * index + [state.global_step - into]
     return state
