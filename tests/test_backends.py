@@ -277,23 +277,6 @@ def test_keras_already_on_another_backend_is_exit_2(capsys, tmp_path):
     assert_bad_input(result, r"runtime.backend.*torch.*auto.*tensorflow.*jax")
 
 
-# A JAX process each (about 6 CPU-s): CI, not the fast lane.
-@pytest.mark.slow
-def test_float16_on_jax_is_exit_2(digits_dir, tmp_path):
-    proc = trainer(
-        "train",
-        "--job=jobs/digits.toml",
-        f"--workdir={tmp_path / 'w'}",
-        f"--set=data.train={digits_dir}/train-*.tfrecord",
-        f"--set=data.validation={digits_dir}/validation-*.tfrecord",
-        "--set=runtime.backend=jax",
-        "--set=runtime.mixed_precision=mixed_float16",
-    )
-    assert_bad_input(
-        proc, r'runtime.mixed_precision = "mixed_float16".*"mixed_bfloat16"'
-    )
-
-
 @pytest.mark.slow
 def test_check_dry_runs_the_jax_steps(digits_dir, tmp_path):
     """`trainer check` with runtime.backend = "jax": the plan names the
@@ -382,6 +365,10 @@ def test_without_tensorflow_the_digits_job_runs_on_jax_from_gs_shards(
 @pytest.mark.parametrize(
     "setting, message",
     [
+        (
+            "runtime.mixed_precision=mixed_float16",
+            r'runtime.mixed_precision = "mixed_float16".*"mixed_bfloat16"',
+        ),
         (
             "data.cache_features=true",
             r'data.cache_features = true cannot be used with runtime.backend = "jax"'
