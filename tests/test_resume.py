@@ -391,6 +391,12 @@ def test_sigterm_saves_current_step_and_exits_75(
         f"exit {preempted.seconds:.1f}s after SIGTERM; the budget is 25s"
     )
     assert "SIGTERM" in run.output() and "run the same command again" in run.stderr
+    # data.cache_features = "auto" on this short frozen phase: 1,438 + 52
+    # records to build, 2 x (3 x 8 + 52) passes without the cache.
+    assert (
+        "phase 'transfer' on cached features: no (building it takes 1,490 backbone "
+        "passes, more than the 152 the phase makes without it"
+    ) in run.stdout
     w = copy_workdir(preempted, gcs_bucket, "w")
     s = summary(w.bucket, w.prefix)
     assert s["status"] == "preempted"
