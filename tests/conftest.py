@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 
 from tests import gcs_emulator
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """One persistent JAX compilation cache for every process the suite starts
+    (JAX reads JAX_COMPILATION_CACHE_DIR itself). The JAX runs train the same
+    small model, and compiling its steps is 40% of a run's CPU time on this
+    machine (37 CPU-s fresh, 23 from the cache). The first process still
+    compiles, so the compile path is tested too; a cached executable is the
+    one a compile would give, so bit-exact comparisons are unchanged. Shared
+    by the pytest-xdist workers: the folder above each worker's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if base.name.startswith("popen-gw") else base
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax-cache"))
+    # Every program, however small or quick to compile.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 @pytest.fixture(scope="session")

@@ -145,10 +145,9 @@ def test_vertex_cluster_spec_runs_two_workers_and_only_the_chief_writes(referenc
     assert s["status"] == "completed" and s["global_step"] == TOTAL_STEPS
 
 
-def test_sigterm_to_one_worker_stops_both_at_one_step_then_resume_is_bit_exact(
-    reference, gcs_bucket, digits_dir, tmp_path
-):
-    url_a, pa, _ = reference
+def test_sigterm_to_one_worker_stops_both_at_one_step(gcs_bucket, digits_dir, tmp_path):
+    """The non-chief preempted. (Resuming such a stop is the chief's test below:
+    the checkpoint either stop leaves is the same kind.)"""
     bucket, scratch = Bucket(gcs_bucket), str(tmp_path)
     url_b, pb = workdir_in(gcs_bucket, "b")
 
@@ -165,21 +164,13 @@ def test_sigterm_to_one_worker_stops_both_at_one_step_then_resume_is_bit_exact(
     owner = json.loads(bucket.read(f"{pb}checkpoints/OWNER"))
     assert owner["pid"] == runs[0].proc.pid, owner
 
-    again = start_workers(digits_dir, url_b, scratch)
-    assert wait_all(again) == [0, 0], again[0].describe() + again[1].describe()
-    assert f"resuming from step {stops[0]}" in again[1].stdout
-    sa, sb = summary(Bucket(url_a), pa), summary(bucket, pb)
-    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
-    assert sa["history"] == sb["history"]
-    (arrays_a, _), (arrays_b, _) = final_arrays(url_a), final_arrays(url_b)
-    assert sorted(arrays_a) == sorted(arrays_b)
-    for key in arrays_a:
-        assert np.array_equal(arrays_a[key], arrays_b[key]), f"{key} differs"
 
-
-def test_a_killed_worker_stops_the_other_and_the_rerun_resumes(
-    gcs_bucket, digits_dir, tmp_path
+def test_a_killed_worker_stops_the_other_and_the_rerun_is_bit_exact(
+    reference, gcs_bucket, digits_dir, tmp_path
 ):
+    """kill -9 of a worker: the other stops within the bound (no hang in a
+    collective), and the rerun ends bit for bit where the uninterrupted
+    two-worker run did."""
     bucket, scratch = Bucket(gcs_bucket), str(tmp_path)
     url, prefix = workdir_in(gcs_bucket, "w")
     runs = start_workers(digits_dir, url, scratch)
@@ -193,12 +184,18 @@ def test_a_killed_worker_stops_the_other_and_the_rerun_resumes(
         runs[0].stderr
     ), runs[0].stderr[-2000:]
     assert "Traceback" not in runs[0].stderr
-    assert bucket.latest(prefix) >= durable
+    stopped_at = bucket.latest(prefix)
+    assert stopped_at >= durable
     runs[1].wait()
 
     again = start_workers(digits_dir, url, scratch)
     assert wait_all(again) == [0, 0], again[0].describe() + again[1].describe()
-    assert summary(bucket, prefix)["global_step"] == TOTAL_STEPS
+    assert all(f"resuming from step {stopped_at}" in run.stdout for run in again)
+    url_a, pa, _ = reference
+    sa, sb = summary(Bucket(url_a), pa), summary(bucket, prefix)
+    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
+    assert sa["history"] == sb["history"]
+    assert largest_difference(url_a, url) == 0.0
 
 
 def _one_process(digits_dir, url, scratch, replicas: int) -> Run:
