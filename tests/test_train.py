@@ -521,8 +521,14 @@ def test_a_changed_global_batch_is_refused_on_resume(digits, tmp_path, capsys):
 @pytest.mark.slow
 def test_a_phase_of_zero_epochs_is_skipped(digits, tmp_path, capsys):
     workdir = tmp_path / "run"
+    small = (  # The phase skip is the point: the small backbone.
+        "--set=model.backbone=mobilenetv2",
+        "--set=model.dense=[32]",
+        "--set=phases.finetune.trainable_from=block_16_expand",
+    )
     proc = trainer(
-        "train", *job_args(digits, str(workdir), "--set=phases.transfer.epochs=0")
+        "train",
+        *job_args(digits, str(workdir), "--set=phases.transfer.epochs=0", *small),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "phase 'transfer' skipped (epochs = 0)" in proc.stdout
