@@ -470,8 +470,10 @@ def _shard_chunks(
     skipped = None if reading.skip is None else functools.partial(reading.skip, gid)
     base = data_order.record_id(gid, 0)
     datas: list[bytes] = []
-    meta: list[tuple[int, int]] = []  # (record id, label)
+    indices: list[int] = []
+    labels: list[int] = []
     size = 0
+    check = reading.checker
     for index, data in tfrecord.iter_shard(
         url,
         start=start,
@@ -481,19 +483,29 @@ def _shard_chunks(
         stats=reading.stats,
     ):
         label = -1
-        if reading.checker is not None:
-            checked = reading.checker(url, index, data, skipped)
+        if check is not None:
+            checked = check(url, index, data, skipped)
             if checked is None:
                 continue
             data, label = checked
         datas.append(data)
-        meta.append((base + index, label))
+        indices.append(index)
+        labels.append(label)
         size += len(data)
         if len(datas) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
-            yield datas, np.asarray(meta, np.int64)
-            datas, meta, size = [], [], 0
+            yield datas, _meta(base, indices, labels)
+            datas, indices, labels, size = [], [], [], 0
     if datas:
-        yield datas, np.asarray(meta, np.int64)
+        yield datas, _meta(base, indices, labels)
+
+
+def _meta(base: int, indices: list[int], labels: list[int]) -> np.ndarray:
+    """[n, 2] int64 rows of (record id, label)."""
+    meta = np.empty((len(indices), 2), np.int64)
+    meta[:, 0] = indices
+    meta[:, 0] += base
+    meta[:, 1] = labels
+    return meta
 
 
 class _Cursor:
