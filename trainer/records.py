@@ -360,28 +360,32 @@ class _Checker:
             raise _BadRecord(
                 "not_example", "is not a serialized tf.train.Example"
             ) from None
+        # Each repeated field fetched once: every upb attribute access builds
+        # a wrapper object, and this runs for every record.
         image = feature.get(self.image_key)
-        label = feature.get(self.label_key)
-        if image is None or not image.bytes_list.value:
+        images = () if image is None else image.bytes_list.value
+        if not images:
             raise _BadRecord(
                 "missing_key",
                 f"has no bytes feature {self.image_key!r} (data.image_key)",
             )
-        if label is None or not label.int64_list.value:
+        label = feature.get(self.label_key)
+        labels = () if label is None else label.int64_list.value
+        if not labels:
             raise _BadRecord(
                 "missing_key",
                 f"has no int64 feature {self.label_key!r} (data.label_key)",
             )
-        encoded = image.bytes_list.value[0]
+        encoded = images[0]
         if not encoded.startswith(_IMAGE_MAGIC) and encoded[8:12] != b"WEBP":
             raise _BadRecord(
                 "not_image", "holds image bytes that are not JPEG, PNG, GIF or BMP"
             )
-        value = label.int64_list.value[0] - self.offset
+        value = labels[0] - self.offset
         if not 0 <= value < self.classes:
             raise _BadRecord(
                 "bad_label",
-                f"has label {label.int64_list.value[0]} (minus label_offset "
+                f"has label {labels[0]} (minus label_offset "
                 f"{self.offset} = {value}) outside [0, {self.classes}); check "
                 "data.num_classes and data.label_offset",
             )
