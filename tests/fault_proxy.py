@@ -8,6 +8,8 @@ from a seeded random stream, it:
 - "reset": resets the connection without forwarding;
 - "lost":  forwards the request, reads the server's answer, then resets the
            connection: the request landed, the client never hears of it;
+- "short": forwards the request, sends the answer's headers and half its
+           body, then closes the connection: a body cut short;
 - forbids: from `forbid_writes = True` on, answers 403 to every write.
 
 A test that needs a fault at a given request, not a rate, sets
@@ -136,10 +138,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault == "lost":
             return self._reset()
         self.send_response(response.status, response.reason)
+        if fault == "short":  # Content-Length promises the whole body.
+            data = data[: len(data) // 2]
+            self.close_connection = True
         for key, value in response.getheaders():
             if key.lower() not in _HOP:
                 self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
+        promised = response.getheader("Content-Length") if fault == "short" else None
+        self.send_header("Content-Length", promised or str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)

@@ -105,19 +105,19 @@ def test_a_rivals_write_is_still_refused(through, gcs_bucket):
 
 
 def test_shard_reads_survive_a_faulty_network(through, gcs_bucket, caplog, monkeypatch):
-    """The gs:// reader's ranged GETs meet 503s, resets and answers lost after
-    the server sent them; it retries from the byte it had, and every record
-    comes back once, in order."""
+    """The gs:// reader's ranged GETs meet 503s, resets, answers lost after
+    the server sent them and bodies cut short; it retries from the byte it
+    had, and every record comes back once, in order."""
     records = [os.urandom(2000 + 37 * i) for i in range(120)]  # ~0.5 MB
     url = f"{gcs_bucket}/faulty-00000-of-00001.tfrecord"
     storage.write_bytes(url, b"".join(tfrecord.frame_record(r) for r in records))
-    through.rates = {"503": 0.15, "reset": 0.15, "lost": 0.15}
+    through.rates = {"503": 0.12, "reset": 0.12, "lost": 0.12, "short": 0.12}
     monkeypatch.setattr(tfrecord, "RETRY_DELAY", 0.01)
     with caplog.at_level(logging.WARNING):
         got = [data for _, data in tfrecord.iter_shard(url, block_size=64 * 1024)]
     assert got == records
-    faults = sum(through.counts[k] for k in ("503", "reset", "lost"))
-    assert faults >= 2, through.counts
+    faults = sum(through.counts[k] for k in ("503", "reset", "lost", "short"))
+    assert faults >= 2 and through.counts["short"], through.counts
     assert caplog.text.count(f"transient error reading {url} at byte ") == faults
 
 

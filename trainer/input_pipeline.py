@@ -16,6 +16,7 @@ loop recovers the DataError with `data_error_from(e)` / `reraise_data_error(e)`.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 
@@ -50,6 +51,7 @@ from trainer.records import (  # noqa: F401
 # (trainer.records) needs none; the tf.data stages here do.
 tf = backend.import_tensorflow_or_none()
 PREFETCH_CHUNKS = 2  # Chunks buffered in tf.data between the reader and decode.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters (malloc.h).
 
 
 # ---------------------------------------------------------------------------
@@ -179,6 +181,27 @@ def _random_crop(image, size: int, seed):
     return _to_uint8(tf.image.resize(crop, [size, size]))
 
 
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Tells glibc's malloc to keep freed memory for reuse (once per process).
+
+    Every record crosses the reader as a few 16 kB Python and TensorFlow
+    strings, freed by other threads than those that made them. With glibc's
+    defaults a free that leaves 128 kB or more at the top of a heap gives it
+    back to the OS, and the next allocation takes fresh pages: 22 minor page
+    faults per 224 px JPEG (native tf.data: 3), ~15% more kernel CPU per image.
+    These are the values glibc's own adaptive rule reaches once it has freed
+    one 32 MB block (mmap threshold 32 MB, trim threshold twice that), set from
+    the start; memory is still given back above them.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+    except (OSError, AttributeError):  # Not glibc (macOS, musl): their own rules.
+        pass
+
+
 def _records_dataset(gen) -> tf.data.Dataset:
     """The reader's chunks as a dataset, buffered PREFETCH_CHUNKS ahead.
 
@@ -189,6 +212,7 @@ def _records_dataset(gen) -> tf.data.Dataset:
     machine); the decodes already dispatched finish and the cores idle. Behind
     the buffer, a tf.data thread of its own does that waiting ahead of time.
     """
+    _keep_freed_memory()
     return tf.data.Dataset.from_generator(
         gen,
         output_signature=(

@@ -360,28 +360,32 @@ class _Checker:
             raise _BadRecord(
                 "not_example", "is not a serialized tf.train.Example"
             ) from None
+        # Each repeated field fetched once: every upb attribute access builds
+        # a wrapper object, and this runs for every record.
         image = feature.get(self.image_key)
-        label = feature.get(self.label_key)
-        if image is None or not image.bytes_list.value:
+        images = () if image is None else image.bytes_list.value
+        if not images:
             raise _BadRecord(
                 "missing_key",
                 f"has no bytes feature {self.image_key!r} (data.image_key)",
             )
-        if label is None or not label.int64_list.value:
+        label = feature.get(self.label_key)
+        labels = () if label is None else label.int64_list.value
+        if not labels:
             raise _BadRecord(
                 "missing_key",
                 f"has no int64 feature {self.label_key!r} (data.label_key)",
             )
-        encoded = image.bytes_list.value[0]
+        encoded = images[0]
         if not encoded.startswith(_IMAGE_MAGIC) and encoded[8:12] != b"WEBP":
             raise _BadRecord(
                 "not_image", "holds image bytes that are not JPEG, PNG, GIF or BMP"
             )
-        value = label.int64_list.value[0] - self.offset
+        value = labels[0] - self.offset
         if not 0 <= value < self.classes:
             raise _BadRecord(
                 "bad_label",
-                f"has label {label.int64_list.value[0]} (minus label_offset "
+                f"has label {labels[0]} (minus label_offset "
                 f"{self.offset} = {value}) outside [0, {self.classes}); check "
                 "data.num_classes and data.label_offset",
             )
@@ -470,8 +474,10 @@ def _shard_chunks(
     skipped = None if reading.skip is None else functools.partial(reading.skip, gid)
     base = data_order.record_id(gid, 0)
     datas: list[bytes] = []
-    meta: list[tuple[int, int]] = []  # (record id, label)
+    indices: list[int] = []
+    labels: list[int] = []
     size = 0
+    check = reading.checker
     for index, data in tfrecord.iter_shard(
         url,
         start=start,
@@ -481,19 +487,29 @@ def _shard_chunks(
         stats=reading.stats,
     ):
         label = -1
-        if reading.checker is not None:
-            checked = reading.checker(url, index, data, skipped)
+        if check is not None:
+            checked = check(url, index, data, skipped)
             if checked is None:
                 continue
             data, label = checked
         datas.append(data)
-        meta.append((base + index, label))
+        indices.append(index)
+        labels.append(label)
         size += len(data)
         if len(datas) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
-            yield datas, np.asarray(meta, np.int64)
-            datas, meta, size = [], [], 0
+            yield datas, _meta(base, indices, labels)
+            datas, indices, labels, size = [], [], [], 0
     if datas:
-        yield datas, np.asarray(meta, np.int64)
+        yield datas, _meta(base, indices, labels)
+
+
+def _meta(base: int, indices: list[int], labels: list[int]) -> np.ndarray:
+    """[n, 2] int64 rows of (record id, label)."""
+    meta = np.empty((len(indices), 2), np.int64)
+    meta[:, 0] = indices
+    meta[:, 0] += base
+    meta[:, 1] = labels
+    return meta
 
 
 class _Cursor:
