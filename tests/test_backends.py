@@ -309,7 +309,7 @@ def test_without_tensorflow_the_digits_job_runs_on_jax_from_gs_shards(
     """Colab's TPU runtime, on this CPU (the `jax_reference` run): the job
     trains without TensorFlow, exports model.keras, says in export.json why
     there is no SavedModel, writes TensorBoard scalars, and `trainer
-    predict`, still without TensorFlow, serves model.keras.
+    predict` and `trainer evaluate`, still without TensorFlow, use model.keras.
     (test_jax_kill_9_... checks that it ended where a run with tf.data does.)"""
     ref = jax_reference
     assert "no SavedModel: TensorFlow is not installed here" in ref.stdout
@@ -359,6 +359,24 @@ def test_without_tensorflow_the_digits_job_runs_on_jax_from_gs_shards(
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     line = predicted.stdout.strip().splitlines()[-1].split("\t")
     assert line[0] == str(image) and 0.0 < float(line[2]) <= 1.0
+
+    # The exported (best) weights on the run's validation shard: the accuracy
+    # the run measured at that step; the loss to float32 summation order
+    # (one device here, two in the run).
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "trainer", "evaluate", f"--workdir={ref.url}"],
+        cwd=ROOT,
+        env=dict(os.environ, **jax_reference.no_tf_env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    best = next(h for h in s["history"] if h["global_step"] == record["step"])
+    assert f"accuracy {best['val_accuracy']:.4f}" in evaluated.stdout
+    metrics = json.loads(ref.bucket.read(f"{ref.prefix}eval/metrics.json"))
+    assert metrics["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
 
 
 @pytest.mark.slow  # A JAX process each: CI, not the fast lane.

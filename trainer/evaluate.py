@@ -59,12 +59,7 @@ def evaluate(root: str, data: str | None = None) -> dict[str, Any]:
         spec = dataclasses.replace(
             spec, data=dataclasses.replace(spec.data, validation=data)
         )
-    # The validation the training loop runs, on one device.
-    from trainer import steps  # The tf.data evaluation: TensorFlow only.
-
-    strategy = tf.distribute.get_strategy()
-    eval_fn = steps.make_eval_step(model, strategy, num_classes=spec.data.num_classes)
-    val = steps.evaluate(eval_fn, spec, strategy)
+    val = _validation(spec, model)
     size = max(spec.data.num_classes, 2)
     confusion = np.zeros((size, size), np.int64)
     if val["confusion"] is not None:  # None: no validation records at all.
@@ -90,6 +85,37 @@ def evaluate(root: str, data: str | None = None) -> dict[str, Any]:
     _write_evaluation(root, result)
     print(f"evaluation: {workdir.evaluation(root, '')}")
     return result
+
+
+def _validation(spec: config.JobSpec, model: keras.Model) -> dict[str, Any]:
+    """The validation the training loop runs, on one device, on this Keras
+    backend: TensorFlow's eval step on tf.data, or, on JAX (machines without
+    TensorFlow: Colab's TPU runtimes), JAX's on the same batches (np_input's
+    where TensorFlow is missing)."""
+    if keras.backend.backend() != "jax":
+        from trainer import steps
+
+        strategy = tf.distribute.get_strategy()
+        n = spec.data.num_classes
+        eval_fn = steps.make_eval_step(model, strategy, num_classes=n)
+        return steps.evaluate(eval_fn, spec, strategy)
+    import jax
+
+    from trainer import jax_steps, step_math
+
+    eval_fn = jax.jit(jax_steps.eval_step_fn(model, num_classes=spec.data.num_classes))
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    total: dict[str, Any] = {}
+    batches = jax_steps.eval_batches(spec, worker=0, workers=1, tally=None, pass_key=0)
+    for batch in batches:
+        step_math.accumulate(total, eval_fn(trainable, non_trainable, *batch))
+    total = {k: np.asarray(v) for k, v in total.items()}
+    count = max(float(total.get("count", 0.0)), 1.0)
+    return {
+        "val_loss": float(total.get("loss", 0.0)) / count,
+        "confusion": total.get("confusion"),
+    }
 
 
 def per_class(confusion: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
