@@ -11,7 +11,7 @@ measures
 interleaved a, b, c, a, b, c, ... for `--rounds` rounds after one untimed
 warm-up round, so that load from other processes on the machine hits every
 variant alike. Each round's b/a and c/a ratios are taken against that round's
-a. Printed per variant: the median rate, the median and spread (min-max) of
+a. Each run is timed to its last item (see `drain`). Printed per variant: the median rate, the median and spread (min-max) of
 its ratio to a, CPU milliseconds of this process per image (all its threads;
 a pipeline that leaves a core idle shows it in "cores busy"), the emulator
 process's CPU per image, and the peak RSS. Raw rows are TFRecord framing +
@@ -154,12 +154,27 @@ def parse_chunk(spec):
     return parse
 
 
-def native_raw(files) -> int:
+def drain(batches, size) -> tuple[int, float]:
+    """Items in `batches` and the perf_counter when the last one arrived.
+
+    Timed to the last item, not to the return: deleting a tf.data iterator
+    waits for its autotune thread's timer, 0.25 to 1.2 s at random, native's
+    and ours alike (seen with gdb); inside a round of 1 to 3 s that alone
+    swung a round's ratio by up to 50%. A training epoch pays it once.
+    """
+    n, last = 0, time.perf_counter()
+    for b in batches:
+        n += size(b)
+        last = time.perf_counter()
+    return n, last
+
+
+def native_raw(files) -> tuple[int, float]:
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=len(files)).batch(1024)
-    return sum(int(b.shape[0]) for b in ds)
+    return drain(ds, lambda b: int(b.shape[0]))
 
 
-def native_decoded(spec, files) -> int:
+def native_decoded(spec, files) -> tuple[int, float]:
     """The same parse/decode/batch stages as ours, fed by TFRecordDataset."""
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=len(files))
     ds = ds.batch(input_pipeline.CHUNK_RECORDS).map(
@@ -174,30 +189,27 @@ def native_decoded(spec, files) -> int:
         deterministic=True,
     )
     ds = ds.batch(BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return sum(int(b[0].shape[0]) for b in ds)
+    return drain(ds, lambda b: int(b[0].shape[0]))
 
 
-def ours_raw(spec, stats: tfrecord.ReadStats) -> int:
+def ours_raw(spec, stats: tfrecord.ReadStats) -> tuple[int, float]:
     """Framing and CRCs only; the readers' buffer high-water mark goes to `stats`."""
     info = input_pipeline.split_info(spec, "train")
-    stop = threading.Event()
-    n = 0
-    for datas, _ in input_pipeline._stream(
+    stream = input_pipeline._stream(
         info["shards"],
         info["counts"],
         list(range(len(info["shards"]))),
         0,
         reading=input_pipeline._Reading(checker=None, on_corrupt="error", stats=stats),
         parallelism=input_pipeline._parallelism(spec),
-        stop=stop,
-    ):
-        n += len(datas)
-    return n
+        stop=threading.Event(),
+    )
+    return drain(stream, lambda chunk: len(chunk[0]))
 
 
-def ours_decoded(spec) -> int:
+def ours_decoded(spec) -> tuple[int, float]:
     ds = input_pipeline.train_dataset(spec, epoch=0)
-    return sum(int(b[0].shape[0]) for b in ds)
+    return drain(ds, lambda b: int(b[0].shape[0]))
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -210,8 +222,8 @@ def timed(server: psutil.Process, fn, *args) -> dict:
     me = psutil.Process()
     with PeakRSS() as mem:
         c0, s0, t0 = _cpu(me), _cpu(server), time.perf_counter()
-        count = fn(*args)
-        wall = time.perf_counter() - t0
+        count, last = fn(*args)
+        wall = last - t0  # To the last item (see `drain`).
         cpu, server_cpu = _cpu(me) - c0, _cpu(server) - s0
     return {"n": count, "wall": wall, "cpu": cpu, "server": server_cpu, "rss": mem.peak}
 
