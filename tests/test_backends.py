@@ -341,20 +341,8 @@ def test_without_tensorflow_the_digits_job_runs_on_jax_from_gs_shards(
     from PIL import Image
 
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
-    predicted = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            "predict",
-            f"--workdir={jax_reference.url}",
-            str(image),
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, **jax_reference.no_tf_env),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    predicted = _without_tensorflow(
+        jax_reference, "predict", f"--workdir={ref.url}", str(image)
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     line = predicted.stdout.strip().splitlines()[-1].split("\t")
@@ -363,20 +351,25 @@ def test_without_tensorflow_the_digits_job_runs_on_jax_from_gs_shards(
     # The exported (best) weights on the run's validation shard: the accuracy
     # the run measured at that step; the loss to float32 summation order
     # (one device here, two in the run).
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "trainer", "evaluate", f"--workdir={ref.url}"],
-        cwd=ROOT,
-        env=dict(os.environ, **jax_reference.no_tf_env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    evaluated = _without_tensorflow(jax_reference, "evaluate", f"--workdir={ref.url}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     best = next(h for h in s["history"] if h["global_step"] == record["step"])
     assert f"accuracy {best['val_accuracy']:.4f}" in evaluated.stdout
     metrics = json.loads(ref.bucket.read(f"{ref.prefix}eval/metrics.json"))
     assert metrics["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-9)
     assert metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def _without_tensorflow(jax_reference, *args: str) -> subprocess.CompletedProcess:
+    """`trainer ARGS` in a process where `import tensorflow` fails."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=ROOT,
+        env=dict(os.environ, **jax_reference.no_tf_env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow  # A JAX process each: CI, not the fast lane.
