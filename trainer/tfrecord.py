@@ -346,7 +346,6 @@ class _Frames:
         self._pos = 0  # Position of the current frame in _buf.
         self._base = 0  # Byte offset of _buf[0] in the shard.
         self._eof = False
-        self._length = 0  # Record length of the current frame.
         self.index = 0  # The next frame's index, after `whole`.
 
     def next(self, index: int, check_length: bool) -> bool:
@@ -382,18 +381,7 @@ class _Frames:
                 f"{self.offset} needs {16 + length} bytes, "
                 f"{self._end - self._pos} remain; {REMEDY}",
             )
-        self._length = length
         return True
-
-    def record(self) -> bytes:
-        start = self._pos + 12
-        return bytes(self._view[start : start + self._length])
-
-    def record_crc(self) -> int:
-        return _U32.unpack_from(self._buf, self._pos + 12 + self._length)[0]
-
-    def advance(self) -> None:
-        self._pos += 16 + self._length
 
     def whole(self, index: int, start: int, verify: bool) -> Iterator[tuple]:
         """Every whole frame buffered, from the current one (frame `index`,
@@ -411,7 +399,7 @@ class _Frames:
           (record index, record bytes or None when its CRC does not match,
           byte offset)
         """
-        buf, view, crc = self._buf, self._view, google_crc32c.value
+        buf, view, crc = self._buf, self._view, masked_crc32c
         pos, end = self._pos, self._end
         unpack, pack, u32 = _HEADER.unpack_from, _U64.pack, _U32.unpack_from
         while end - pos >= 12:
@@ -419,17 +407,12 @@ class _Frames:
             stop = pos + 16 + length
             if stop > end:
                 break
-            if verify or index >= start:
-                c = crc(pack(length))
-                if length_crc != (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF:
-                    break
+            if (verify or index >= start) and length_crc != crc(pack(length)):
+                break
             if index >= start:
                 data = bytes(view[pos + 12 : stop - 4])
-                if verify:
-                    c = crc(data)
-                    masked = (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-                    if masked != u32(buf, stop - 4)[0]:
-                        data = None
+                if verify and crc(data) != u32(buf, stop - 4)[0]:
+                    data = None
                 self._pos = stop  # Before the yield: the consumer may stop here.
                 yield index, data, self._base + pos
             pos = stop
