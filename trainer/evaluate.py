@@ -110,12 +110,7 @@ def _validation(spec: config.JobSpec, model: keras.Model) -> dict[str, Any]:
     batches = jax_steps.eval_batches(spec, worker=0, workers=1, tally=None, pass_key=0)
     for batch in batches:
         step_math.accumulate(total, eval_fn(trainable, non_trainable, *batch))
-    total = {k: np.asarray(v) for k, v in total.items()}
-    count = max(float(total.get("count", 0.0)), 1.0)
-    return {
-        "val_loss": float(total.get("loss", 0.0)) / count,
-        "confusion": total.get("confusion"),
-    }
+    return step_math.eval_metrics({k: np.asarray(v) for k, v in total.items()})
 
 
 def per_class(confusion: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -266,12 +266,7 @@ class Engine:
             arrays = [self._global(x) for x in batch]
             step_math.accumulate(total, eval_fn(trainable, non_trainable, *arrays))
         total = {k: _host(v) for k, v in total.items()}
-        count = max(float(total.get("count", 0.0)), 1.0)
-        return {
-            "val_loss": float(total.get("loss", 0.0)) / count,
-            "val_accuracy": float(total.get("correct", 0.0)) / count,
-            "confusion": total.get("confusion"),
-        }
+        return step_math.eval_metrics(total)
 
     def sync(self) -> None:
         """Writes the phase's state into the Keras model and optimizer."""

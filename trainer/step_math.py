@@ -27,6 +27,17 @@ def accumulate(total: dict[str, Any], sums: dict[str, Any]) -> None:
         total[k] = total.get(k, 0.0) + v
 
 
+def eval_metrics(total: dict[str, Any]) -> dict[str, Any]:
+    """`val_loss`, `val_accuracy` and the confusion matrix from an eval
+    step's sums over the validation split (weighted: padding counts 0)."""
+    count = max(float(total.get("count", 0.0)), 1.0)
+    return {
+        "val_loss": float(total.get("loss", 0.0)) / count,
+        "val_accuracy": float(total.get("correct", 0.0)) / count,
+        "confusion": total.get("confusion"),
+    }
+
+
 def train_metrics(sums: dict[str, float]) -> dict[str, float]:
     """Mean loss and accuracy from the sums of `train_steps`."""
     count = max(float(sums.get("count", 0.0)), 1.0)

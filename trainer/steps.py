@@ -15,6 +15,7 @@ from trainer import input_pipeline  # noqa: E402
 from trainer.errors import SpecError  # noqa: E402
 from trainer.step_math import (  # noqa: E402, F401  (steps.make_optimizer etc.)
     accumulate,
+    eval_metrics,
     make_optimizer,
     train_metrics,
 )
@@ -168,12 +169,7 @@ def evaluate(
     total: dict[str, Any] = {}
     for images, labels, weights in dataset:
         accumulate(total, to_numpy(eval_fn(images, labels, weights)))
-    count = max(float(total.get("count", 0.0)), 1.0)
-    return {
-        "val_loss": float(total.get("loss", 0.0)) / count,
-        "val_accuracy": float(total.get("correct", 0.0)) / count,
-        "confusion": total.get("confusion"),
-    }
+    return eval_metrics(total)
 
 
 def explain_determinism(e: Exception, phase_name: str) -> None:
