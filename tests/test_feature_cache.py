@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 
 from tests.test_cli import assert_bad_input, run, trainer
-from tests.test_resume import Bucket, Run, run_to_end, wait_for, workdir_in
+from tests.test_resume import (
+    SMALL_BACKBONE,
+    Bucket,
+    Run,
+    run_to_end,
+    wait_for,
+    workdir_in,
+)
 
 # Measured on this CPU with train.deterministic = true: the head trained on
 # cached features equals the uncached one exactly (max |difference| 0.0);
@@ -50,20 +57,13 @@ def job_args(digits: str, workdir: str, *extra: str) -> list[str]:
     ]
 
 
-# What the cache does is the same for any backbone; the small one costs each
-# of the four runs that compare cached with uncached and killed with whole
-# about half the CPU time of ResNet50's.
-SMALL_BACKBONE = [
-    "model.backbone=mobilenetv2",
-    "model.dense=[32]",
-    "phases.finetune.trainable_from=block_16_expand",
-]
-
-
 def one_shard(digits_dir: str, workdir: str, *extra: str) -> list[str]:
-    """`job_args` with the small backbone on one shard a split of the 7-shard
-    digits: 207 training records (the 160 of an epoch's 10 steps, and a
-    shuffle), 52 validation."""
+    """`job_args` on one shard a split of the 7-shard digits: 207 training
+    records (the 160 of an epoch's 10 steps, and a shuffle), 52 validation.
+
+    With the small backbone: what the cache does is the same for any, and
+    each of the four runs that compare cached with uncached and killed with
+    whole costs about half ResNet50's CPU time."""
     return job_args(
         digits_dir,
         workdir,

@@ -16,16 +16,21 @@ import time
 import numpy as np
 import pytest
 
-from tests.test_resume import Bucket, Run, summary, wait_for, workdir_in
+from tests.test_resume import (
+    SMALL_BACKBONE,
+    Bucket,
+    Run,
+    summary,
+    wait_for,
+    workdir_in,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiworker")]
 
 # transfer: 1 epoch x 12 steps, finetune: 1 epoch x 4 steps; 2 replicas.
 TOTAL_STEPS = 16
 SMALL = [
-    "model.backbone=mobilenetv2",
-    "model.dense=[32]",
-    "phases.finetune.trainable_from=block_16_expand",
+    *SMALL_BACKBONE,
     "train.global_batch_size=16",
     "train.checkpoint_every_steps=4",
     "train.deterministic=true",

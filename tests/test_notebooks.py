@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from tests.test_resume import SMALL_BACKBONE
+
 pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
@@ -27,9 +29,7 @@ pytestmark = pytest.mark.slow  # Each test trains in a fresh notebook kernel.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # test_resume's small MobileNetV2 (the runners are what these tests are about).
 TINY = [
-    "model.backbone=mobilenetv2",
-    "model.dense=[32]",
-    "phases.finetune.trainable_from=block_16_expand",
+    *SMALL_BACKBONE,
     "phases.transfer.epochs=1",
     "phases.finetune.epochs=1",
     "phases.transfer.steps_per_epoch=2",

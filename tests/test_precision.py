@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from tests.test_multiworker import final_arrays
-from tests.test_resume import Bucket, Run, summary, wait_for, workdir_in
+from tests.test_resume import (
+    SMALL_BACKBONE,
+    Bucket,
+    Run,
+    summary,
+    wait_for,
+    workdir_in,
+)
 from trainer import checkpoint_catalog, checkpoint_format
 
 pytestmark = pytest.mark.slow
@@ -24,9 +31,7 @@ def _run(digits_dir, url, scratch, precision) -> Run:
             f"--workdir={url}",
             f"--set=data.train={digits_dir}/train-*.tfrecord",
             f"--set=data.validation={digits_dir}/validation-00000-of-00007.tfrecord",
-            "--set=model.backbone=mobilenetv2",
-            "--set=model.dense=[32]",
-            "--set=phases.finetune.trainable_from=block_16_expand",
+            *(f"--set={s}" for s in SMALL_BACKBONE),
             "--set=train.global_batch_size=16",
             "--set=train.checkpoint_every_steps=2",
             "--set=train.deterministic=true",

@@ -31,10 +31,15 @@ pytestmark = pytest.mark.slow
 # a checkpoint every 2 steps and at each epoch and phase boundary.
 TOTAL_STEPS = 2 * 3 + 4
 FINETUNE_STEPS = 4
-SMALL = [
+# The small backbone of every test that is not about the model: MobileNetV2,
+# a 32-unit head, fine-tuning its last block.
+SMALL_BACKBONE = [
     "model.backbone=mobilenetv2",
     "model.dense=[32]",
     "phases.finetune.trainable_from=block_16_expand",
+]
+SMALL = [
+    *SMALL_BACKBONE,
     "train.global_batch_size=8",
     "train.checkpoint_every_steps=2",
     "train.deterministic=true",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.test_cli import assert_bad_input, run, trainer
+from tests.test_resume import SMALL_BACKBONE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,9 @@ def digits(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("digits"))
     convert.convert_sample_digits(out, shards=2)
     return out
+
+
+SMALL_ARGS = [f"--set={s}" for s in SMALL_BACKBONE]
 
 
 def job_args(digits: str, workdir: str, *extra: str) -> list[str]:
@@ -365,9 +369,7 @@ def test_mirrored_strategy_on_two_logical_cpus(digits, tmp_path):
             str(workdir),
             "--set=runtime.strategy=mirrored",
             # The loop under the strategy is the point, not ResNet50's size.
-            "--set=model.backbone=mobilenetv2",
-            "--set=model.dense=[32]",
-            "--set=phases.finetune.trainable_from=block_16_expand",
+            *SMALL_ARGS,
             # "auto" must be safe here: XLA has no CPU collectives (issue 10).
             "--set=phases.finetune.jit_compile=auto",
             "--set=phases.transfer.epochs=1",
@@ -521,14 +523,9 @@ def test_a_changed_global_batch_is_refused_on_resume(digits, tmp_path, capsys):
 @pytest.mark.slow
 def test_a_phase_of_zero_epochs_is_skipped(digits, tmp_path, capsys):
     workdir = tmp_path / "run"
-    small = (  # The phase skip is the point: the small backbone.
-        "--set=model.backbone=mobilenetv2",
-        "--set=model.dense=[32]",
-        "--set=phases.finetune.trainable_from=block_16_expand",
-    )
-    proc = trainer(
+    proc = trainer(  # The phase skip is the point: the small backbone.
         "train",
-        *job_args(digits, str(workdir), "--set=phases.transfer.epochs=0", *small),
+        *job_args(digits, str(workdir), "--set=phases.transfer.epochs=0", *SMALL_ARGS),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "phase 'transfer' skipped (epochs = 0)" in proc.stdout
