@@ -80,7 +80,11 @@ def jax_reference(gcs_server, digits_dir, tmp_path_factory) -> Workdir:
     )
     ref = Workdir(new_bucket(), "jax-reference")
     ref.no_tf_env = {**JAX_ENV, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
-    run = run_jax(train_args(data, ref.url, ON_JAX), str(scratch), ref.no_tf_env)
+    # export_saved_model = true (test_resume's job says false): without
+    # TensorFlow the export still writes model.keras only, and says why.
+    saved_model = "--set=train.export_saved_model=true"
+    args = train_args(data, ref.url, ON_JAX, saved_model)
+    run = run_jax(args, str(scratch), ref.no_tf_env)
     assert run.proc.returncode == 0, run.describe()
     assert "mirrored x2, backend jax" in run.stdout, run.stdout
     ref.stdout = run.stdout
@@ -170,7 +174,10 @@ def test_tf_checkpoint_resumes_on_jax(
     step = w.bucket.latest(w.prefix)
     state = state_of(w.bucket, w.prefix, step)
     assert state["runtime"].get("backend", "tensorflow") == "tensorflow"
-    run = run_jax(train_args(digits_dir, w.url, ON_JAX), str(tmp_path))
+    # The SavedModel that test_resume's small job leaves out: written here
+    # by a `trainer export` process on TensorFlow, as a JAX run's export is.
+    saved_model = "--set=train.export_saved_model=true"
+    run = run_jax(train_args(digits_dir, w.url, ON_JAX, saved_model), str(tmp_path))
     assert run.proc.returncode == 0, run.describe()
     assert f"resuming from step {step}" in run.stdout
     assert "written on the tensorflow backend on jax" in run.stdout

@@ -70,6 +70,7 @@ def one_shard(digits_dir: str, workdir: str, *extra: str) -> list[str]:
         f"data.train={digits_dir}/train-00000-of-00007.tfrecord",
         f"data.validation={digits_dir}/validation-00000-of-00007.tfrecord",
         *SMALL_BACKBONE,
+        "train.export_saved_model=false",  # The tests read model.keras only.
         *extra,
     )
 

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiworker")]
 TOTAL_STEPS = 16
 SMALL = [
     *SMALL_BACKBONE,
+    "train.export_saved_model=false",  # These tests compare weights.
     "train.global_batch_size=16",
     "train.checkpoint_every_steps=4",
     "train.deterministic=true",

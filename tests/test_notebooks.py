@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # test_resume's small MobileNetV2 (the runners are what these tests are about).
 TINY = [
     *SMALL_BACKBONE,
+    "train.export_saved_model=false",  # The runners are what is tested.
     "phases.transfer.epochs=1",
     "phases.finetune.epochs=1",
     "phases.transfer.steps_per_epoch=2",

@@ -32,6 +32,7 @@ def _run(digits_dir, url, scratch, precision) -> Run:
             f"--set=data.train={digits_dir}/train-*.tfrecord",
             f"--set=data.validation={digits_dir}/validation-00000-of-00007.tfrecord",
             *(f"--set={s}" for s in SMALL_BACKBONE),
+            "--set=train.export_saved_model=false",  # Weights are compared.
             "--set=train.global_batch_size=16",
             "--set=train.checkpoint_every_steps=2",
             "--set=train.deterministic=true",

@@ -49,6 +49,9 @@ SMALL = [
     "phases.finetune.epochs=1",
     "phases.finetune.steps_per_epoch=4",
     "phases.finetune.jit_compile=false",
+    # model.keras only: the SavedModel costs each run ~3 CPU-s, and these
+    # tests compare weights (tests that need it set it back to true).
+    "train.export_saved_model=false",
 ]
 
 
@@ -227,6 +230,7 @@ def reference_run(digits_dir: str, scratch: str) -> Workdir:
     ref = Workdir(new_bucket(), "reference")
     run = run_to_end(train_args(digits_dir, ref.url), scratch)
     assert run.proc.returncode == 0, run.describe()
+    ref.stdout = run.stdout
     return ref
 
 
@@ -384,6 +388,34 @@ def preempted_run(digits_dir: str, scratch: str) -> Preempted:
         left.bucket, left.prefix, args, scratch, min_latest=4
     )
     return left
+
+
+@pytest.mark.xdist_group("reference")
+def test_without_a_saved_model_the_export_says_how_to_write_one(
+    reference, gcs_bucket, capsys
+):
+    """train.export_saved_model = false (SMALL): the completion writes
+    model.keras only and says so; the `trainer export` it names writes the
+    SavedModel from the same checkpoint."""
+    from tests.test_cli import run
+
+    step = summary(reference.bucket, reference.prefix)["export"]["step"]
+    later = f"`trainer export --workdir={reference.url} --step={step}` writes one"
+    note = f"no SavedModel: train.export_saved_model = false; {later}"
+    assert f"serving: none ({note})" in reference.stdout, reference.stdout
+    record = json.loads(reference.bucket.read(f"{reference.prefix}export/export.json"))
+    assert (record["saved_model"], record["note"]) == (None, note)
+    names = [b.name for b in reference.bucket.client.list_blobs(reference.bucket.name)]
+    assert f"{reference.prefix}export/model.keras" in names
+    assert not [n for n in names if "/saved_model/" in n]
+
+    w = copy_workdir(reference, gcs_bucket, "exported")
+    done = run(capsys, "export", f"--workdir={w.url}", f"--step={step}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"serving: {w.url}/export/saved_model/1 " in done.stdout, done.stdout
+    record = json.loads(w.bucket.read(f"{w.prefix}export/export.json"))
+    assert record["step"] == step and "note" not in record
+    assert w.bucket.read(f"{w.prefix}export/saved_model/1/saved_model.pb")
 
 
 @pytest.mark.xdist_group("reference")
@@ -592,6 +624,7 @@ def test_resnet50_xla_kill_9_mid_finetune_is_bit_exact(digits_dir, tmp_path):
         "--set=phases.finetune.epochs=1",
         "--set=phases.finetune.steps_per_epoch=4",
         "--set=phases.finetune.jit_compile=true",
+        "--set=train.export_saved_model=false",  # Weights are compared.
     ]
     a, b = tmp_path / "a", tmp_path / "b"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

@@ -375,6 +375,7 @@ def test_mirrored_strategy_on_two_logical_cpus(digits, tmp_path):
             "--set=phases.transfer.epochs=1",
             "--set=phases.transfer.steps_per_epoch=3",
             "--set=phases.finetune.steps_per_epoch=1",
+            "--set=train.export_saved_model=false",
         ),
         env={"TRAINER_CPU_DEVICES": "2"},
     )
@@ -525,7 +526,13 @@ def test_a_phase_of_zero_epochs_is_skipped(digits, tmp_path, capsys):
     workdir = tmp_path / "run"
     proc = trainer(  # The phase skip is the point: the small backbone.
         "train",
-        *job_args(digits, str(workdir), "--set=phases.transfer.epochs=0", *SMALL_ARGS),
+        *job_args(
+            digits,
+            str(workdir),
+            "--set=phases.transfer.epochs=0",
+            *SMALL_ARGS,
+            "--set=train.export_saved_model=false",
+        ),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "phase 'transfer' skipped (epochs = 0)" in proc.stdout

@@ -90,6 +90,9 @@ class TrainConfig:
     # Which weights the run exports on completion: the best checkpoint's (by
     # `monitor`, the step the final line reports) or the final step's.
     export: Literal["best", "last"] = "best"
+    # Whether that export writes a TF Serving SavedModel besides model.keras
+    # (seconds to minutes for a large backbone); `trainer export` always does.
+    export_saved_model: bool = True
     preemption_budget_seconds: float = 25.0
     # GCE metadata endpoint polled for spot preemption; "" = off, "auto" = on GCE.
     preemption_metadata_url: str = "auto"

@@ -106,7 +106,7 @@ def _best_step(root: str, directory: str, latest: int) -> int | None:
 
 
 def export_step(
-    root: str, spec: config.JobSpec, step: int, weights: str
+    root: str, spec: config.JobSpec, step: int, weights: str, *, saved_model=True
 ) -> dict[str, Any]:
     """Writes model.keras and the next SavedModel version from checkpoint `step`.
 
@@ -115,6 +115,8 @@ def export_step(
       spec: the run's spec, with its class names resolved.
       step: a committed checkpoint step (see `choose_step`).
       weights: what the step is ("best", "last", "step"), for the record.
+      saved_model: False writes model.keras only (the completion of a run
+        with `train.export_saved_model = false`); export.json says so.
 
     Returns:
       The record also written to `{workdir}/export/export.json`.
@@ -122,7 +124,7 @@ def export_step(
     Raises:
       CheckpointError: the checkpoint is damaged or does not fit the spec.
     """
-    if keras.backend.backend() != "tensorflow" and tf is not None:
+    if saved_model and keras.backend.backend() != "tensorflow" and tf is not None:
         return _export_on_tensorflow(root, step, weights)
     folder = storage.join(
         workdir.checkpoints(root), checkpoint_catalog.checkpoint_name(step)
@@ -134,10 +136,12 @@ def export_step(
     )
     reports.export(model, root)
     version = url = note = None
-    if tf is None:
+    later = f"`trainer export --workdir={root} --step={step}`"
+    if not saved_model:
+        note = f"no SavedModel: train.export_saved_model = false; {later} writes one"
+    elif tf is None:
         note = (
-            "no SavedModel: TensorFlow is not installed here; run `trainer "
-            f"export --workdir={root} --step={step}` where it is"
+            f"no SavedModel: TensorFlow is not installed here; run {later} where it is"
         )
         print(f"note: {note}")
     else:

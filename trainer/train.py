@@ -550,7 +550,13 @@ class _Run:
             step, weights = export.choose_step(
                 self.root, self.spec, best=self.state.best_step
             )
-            summary["export"] = export.export_step(self.root, self.spec, step, weights)
+            summary["export"] = export.export_step(
+                self.root,
+                self.spec,
+                step,
+                weights,
+                saved_model=self.spec.train.export_saved_model,
+            )
             reports.plot_history(self.state.history, self.root)
             reports.plot_confusion(
                 self.state.confusion, self.spec.class_names(), self.root
