@@ -77,6 +77,41 @@ def test_glob_matching_nothing(tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+EXIT_SCRIPT = """
+import atexit, concurrent.futures, pathlib, sys, threading, time
+import jax  # A heavy import: the exit skips the teardown.
+from trainer import main
+out = pathlib.Path(sys.argv[1])
+def late(name):
+    time.sleep(0.3)
+    (out / name).write_text("done")
+# A background checkpoint upload, and a plain non-daemon thread, still running.
+concurrent.futures.ThreadPoolExecutor(1).submit(late, "upload")
+threading.Thread(target=late, args=("thread",)).start()
+atexit.register(lambda: (out / "atexit").write_text("done"))
+sys.stdout.write("no newline yet")
+main._exit_without_teardown(3)
+(out / "after").write_text("not reached")
+"""
+
+
+def test_the_exit_skips_only_the_teardown(tmp_path):
+    """The CLI's exit (`main._exit_without_teardown`) still does what Python's
+    own exit does first: waits for a background upload and other non-daemon
+    threads, runs atexit handlers, flushes stdout; then the process ends with
+    the command's exit code."""
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout == "no newline yet"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atexit", "thread", "upload"]
+
+
 def test_layers_shows_legacy_alias():
     proc = trainer("layers", "--backbone=resnet50", "--image_size=32")
     assert proc.returncode == 0, proc.stderr[-3000:]

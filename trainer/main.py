@@ -9,9 +9,11 @@ clean, and a flag of another command is refused by name.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import textwrap
+import threading
 
 from absl import app, flags, logging
 
@@ -369,7 +371,34 @@ def _absl_defaults(argv: list[str]) -> list[str]:
 def run_main() -> None:
     """Console-script entry point (`trainer`, `python -m trainer`): exits `run`'s code."""
     logging.set_verbosity(logging.WARNING)
-    app.run(run, flags_parser=_absl_defaults)
+    app.run(_run_and_exit, flags_parser=_absl_defaults)
+
+
+def _run_and_exit(argv: list[str]) -> int:
+    return _exit_without_teardown(run(argv))
+
+
+def _exit_without_teardown(code: int) -> int:
+    """Exits with `code` as Python's own exit would, minus its last stage.
+
+    Once TensorFlow (or JAX) is imported, the interpreter's teardown of its
+    modules and objects takes 1.4 s of CPU after the command is done, for
+    nothing: the process is about to end. The stages of an exit that matter
+    still run, in Python's order: non-daemon threads are joined (a background
+    checkpoint upload finishes), atexit handlers run (logging, TensorBoard
+    writers, fsspec, JAX), stdio is flushed. Then the process ends. Returns
+    `code` (for a normal exit) where those stages cannot be called.
+    """
+    heavy = "tensorflow" in sys.modules or "jax" in sys.modules
+    shutdown = getattr(threading, "_shutdown", None)  # CPython's exit uses both.
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if not heavy or shutdown is None or run_exitfuncs is None:
+        return code
+    shutdown()
+    run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
