@@ -39,6 +39,9 @@ from tests.test_resume import (
 JAX_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 ON_JAX = "--set=runtime.backend=jax"
 ON_TF = "--set=runtime.backend=tensorflow"
+# test_resume's small job exports model.keras only; the tests about the export
+# of a JAX run put the SavedModel back.
+WITH_SAVED_MODEL = "--set=train.export_saved_model=true"
 
 # A run resumed on the other backend continues from the very same weights,
 # slots, counters and data position, but its steps are another program: XLA's
@@ -82,8 +85,7 @@ def jax_reference(gcs_server, digits_dir, tmp_path_factory) -> Workdir:
     ref.no_tf_env = {**JAX_ENV, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
     # export_saved_model = true (test_resume's job says false): without
     # TensorFlow the export still writes model.keras only, and says why.
-    saved_model = "--set=train.export_saved_model=true"
-    args = train_args(data, ref.url, ON_JAX, saved_model)
+    args = train_args(data, ref.url, ON_JAX, WITH_SAVED_MODEL)
     run = run_jax(args, str(scratch), ref.no_tf_env)
     assert run.proc.returncode == 0, run.describe()
     assert "mirrored x2, backend jax" in run.stdout, run.stdout
@@ -176,8 +178,8 @@ def test_tf_checkpoint_resumes_on_jax(
     assert state["runtime"].get("backend", "tensorflow") == "tensorflow"
     # The SavedModel that test_resume's small job leaves out: written here
     # by a `trainer export` process on TensorFlow, as a JAX run's export is.
-    saved_model = "--set=train.export_saved_model=true"
-    run = run_jax(train_args(digits_dir, w.url, ON_JAX, saved_model), str(tmp_path))
+    args = train_args(digits_dir, w.url, ON_JAX, WITH_SAVED_MODEL)
+    run = run_jax(args, str(tmp_path))
     assert run.proc.returncode == 0, run.describe()
     assert f"resuming from step {step}" in run.stdout
     assert "written on the tensorflow backend on jax" in run.stdout
