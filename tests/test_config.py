@@ -167,6 +167,10 @@ def test_bad_specs(text, match):
             "train.global_batch_size=big",
             r"train.global_batch_size: received 'big'; expected an integer",
         ),
+        (
+            "train.export_saved_model=yes",
+            r"train.export_saved_model: received 'yes'; expected true or false",
+        ),
     ],
 )
 def test_bad_overrides(override, match):
