@@ -112,15 +112,15 @@ def test_the_exit_skips_only_the_teardown(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atexit", "thread", "upload"]
 
 
-def test_layers_shows_legacy_alias():
-    proc = trainer("layers", "--backbone=resnet50", "--image_size=32")
+# ---------------------------------------------------------------------------
+# Commands and flags, in process
+
+
+def test_layers_shows_legacy_alias(capsys):
+    proc = run(capsys, "layers", "--backbone=resnet50", "--image_size=32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if "conv5_block1_1_conv" in ln)
     assert "res5a_branch2a" in line
-
-
-# ---------------------------------------------------------------------------
-# Commands and flags, in process
 
 
 def test_no_command_prints_usage(capsys):

@@ -81,7 +81,7 @@ learning_rate = 1e-9
 
 
 @pytest.mark.slow
-def test_binary_job_exports_best_weights_and_names_its_classes(photos):
+def test_binary_job_exports_best_weights_and_names_its_classes(photos, capsys):
     root, out = photos
     job = root / "binary.toml"
     job.write_text(BINARY_JOB.format(out=out))
@@ -113,7 +113,7 @@ def test_binary_job_exports_best_weights_and_names_its_classes(photos):
     assert kept == [f"ckpt-{best:09d}", f"ckpt-{last:09d}"]
 
     images = sorted((root / "images" / "flower").iterdir())[:2]
-    pred = trainer("predict", f"--workdir={workdir}", *map(str, images))
+    pred = run(capsys, "predict", f"--workdir={workdir}", *map(str, images))
     assert pred.returncode == 0, pred.stderr[-3000:]
     lines = pred.stdout.strip().splitlines()[-3:]
     assert lines[0] == (

@@ -20,7 +20,7 @@ import pytest
 
 from tests import gce_metadata
 from tests.fault_proxy import FaultProxy
-from tests.test_cli import ROOT, trainer
+from tests.test_cli import ROOT, run, trainer
 from tests.test_resume import (
     TOTAL_STEPS,
     Bucket,
@@ -198,11 +198,11 @@ def test_gce_notice_saves_and_exits_75(gcs_bucket, digits_dir, tmp_path):
 # One clear line for what the user must fix
 
 
-def test_garbage_in_latest_exits_2(digits_dir, tmp_path):
+def test_garbage_in_latest_exits_2(digits_dir, tmp_path, capsys):
     workdir = tmp_path / "run"
     (workdir / "checkpoints").mkdir(parents=True)
     (workdir / "checkpoints" / "LATEST").write_text("<html>oops</html>\n")
-    proc = trainer(*train_args(digits_dir, str(workdir)))
+    proc = run(capsys, *train_args(digits_dir, str(workdir)))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert_one_line_error(
         proc,
@@ -212,12 +212,13 @@ def test_garbage_in_latest_exits_2(digits_dir, tmp_path):
     )
 
 
-def test_a_file_that_is_not_a_tfrecord_exits_2(digits_dir, tmp_path):
+def test_a_file_that_is_not_a_tfrecord_exits_2(digits_dir, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     shard = data / "train-00000-of-00001.tfrecord"
     shard.write_bytes(b"\x89PNG this is a picture, not a TFRecord" * 10)
-    proc = trainer(
+    proc = run(
+        capsys,
         *train_args(digits_dir, str(tmp_path / "run")),
         f"--set=data.train={data}/train-*.tfrecord",
     )

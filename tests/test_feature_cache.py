@@ -1,8 +1,11 @@
 """Cached backbone features of frozen phases (issue 12), end to end.
 
-Every training is a real `python -m trainer train` process on the real digits;
-the kill -9 run keeps its workdir (and so its cache) in the GCS emulator and
-resumes on a fresh "machine" (HOME, TMPDIR), as tests/test_resume.py does.
+Every training runs on the real digits: in real `python -m trainer train`
+processes, but for the cache's bookkeeping test, whose five short runs go
+through `main.run` in this process (the notebook's way: one process, many
+runs). The kill -9 run keeps its workdir (and so its cache) in the GCS
+emulator and resumes on a fresh "machine" (HOME, TMPDIR), as
+tests/test_resume.py does.
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ def cache_folders(workdir: pathlib.Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_cache_is_rebuilt_when_uncommitted_or_the_shards_change(tmp_path):
+def test_cache_is_rebuilt_when_uncommitted_or_the_shards_change(tmp_path, capsys):
     """Each start trains one step of the cached phase, then its deadline stops it."""
     from trainer import convert
 
@@ -208,7 +211,7 @@ def test_cache_is_rebuilt_when_uncommitted_or_the_shards_change(tmp_path):
     )
 
     def one_step() -> str:
-        proc = trainer("train", *args, "--deadline=1s")
+        proc = run(capsys, "train", *args, "--deadline=1s")
         assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc.stdout
 
@@ -236,7 +239,7 @@ def test_cache_is_rebuilt_when_uncommitted_or_the_shards_change(tmp_path):
 
     time.sleep(0.01)  # A new modification time for every re-converted shard.
     convert.convert_sample_digits(str(data), shards=7)
-    done = trainer("train", *args)
+    done = run(capsys, "train", *args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     second = [f for f in cache_folders(workdir) if f != first]
     assert len(second) == 1, cache_folders(workdir)

@@ -157,18 +157,21 @@ def test_a_run_leaves_no_process_wide_settings_behind():
     assert not tf_config.is_op_determinism_enabled()
 
 
-def test_a_tpu_that_this_tensorflow_cannot_drive_is_exit_2(tmp_path):
+def test_a_tpu_that_this_tensorflow_cannot_drive_is_exit_2(
+    tmp_path, capsys, monkeypatch
+):
     # What Kaggle's TPU VMs look like to us: TPU_ACCELERATOR_TYPE set, and a
     # TensorFlow without TPU kernels (this CPU wheel has none either).
-    from tests.test_cli import assert_bad_input, trainer
+    from tests.test_cli import assert_bad_input, run
 
-    proc = trainer(
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    proc = run(
+        capsys,
         "check",
         "--job=jobs/digits.toml",
         f"--workdir={tmp_path}/w",
         # Asked for by name: `auto` takes JAX here (test_backends.py).
         "--set=runtime.backend=tensorflow",
-        env={"TPU_ACCELERATOR_TYPE": "v5litepod-8"},
     )
     assert_bad_input(
         proc,

@@ -63,10 +63,10 @@ def trained(digits, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("trained")
-def test_train_end_to_end_then_rerun_is_a_noop(digits, trained):
+def test_train_end_to_end_then_rerun_is_a_noop(digits, trained, capsys):
     workdir, proc = trained
-    run = pathlib.Path(workdir)
-    summary = json.loads((run / "summary.json").read_text())
+    run_dir = pathlib.Path(workdir)
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["phase"] == "finetune"
     assert summary["global_step"] == 2 * 6 + 2
@@ -76,25 +76,28 @@ def test_train_end_to_end_then_rerun_is_a_noop(digits, trained):
         "transfer",
         "finetune",
     ]
-    assert json.loads((run / "job.json").read_text())["model"]["backbone"] == "resnet50"
-    assert (run / "checkpoints" / "LATEST").exists()
-    assert list((run / "logs").rglob("events.out.tfevents.*"))
-    assert (run / "plots" / "training_curves.png").stat().st_size > 1000
-    assert (run / "plots" / "confusion_matrix.png").stat().st_size > 1000
+    assert (
+        json.loads((run_dir / "job.json").read_text())["model"]["backbone"]
+        == "resnet50"
+    )
+    assert (run_dir / "checkpoints" / "LATEST").exists()
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert (run_dir / "plots" / "training_curves.png").stat().st_size > 1000
+    assert (run_dir / "plots" / "confusion_matrix.png").stat().st_size > 1000
     assert (
         "phase 'finetune'" in proc.stdout
         and "trainable_from='res5a_branch2a'" in proc.stdout
     )
 
-    again = trainer("train", *job_args(digits, workdir))
+    again = run(capsys, "train", *job_args(digits, workdir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already completed" in again.stdout
-    assert json.loads((run / "summary.json").read_text()) == summary
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("trained")
-def test_exported_model_loads_in_safe_mode(digits, trained, tmp_path):
+def test_exported_model_loads_in_safe_mode(digits, trained, tmp_path, capsys):
     workdir, _ = trained
     import keras
 
@@ -106,7 +109,7 @@ def test_exported_model_loads_in_safe_mode(digits, trained, tmp_path):
     assert probs.shape == (2, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
-    ev = trainer("evaluate", f"--workdir={workdir}")
+    ev = run(capsys, "evaluate", f"--workdir={workdir}")
     assert ev.returncode == 0, ev.stderr[-3000:]
     # The same validation as the run's last epoch, through the exported model.
     summary = json.loads((pathlib.Path(workdir) / "summary.json").read_text())
@@ -123,12 +126,12 @@ def test_exported_model_loads_in_safe_mode(digits, trained, tmp_path):
     png = tmp_path / "zero.png"
     big = np.kron(digit * 255 / 16, np.ones((4, 4))).astype("uint8")
     Image.fromarray(np.stack([big] * 3, axis=-1)).save(png)
-    pred = trainer("predict", f"--workdir={workdir}", str(png))
+    pred = run(capsys, "predict", f"--workdir={workdir}", str(png))
     assert pred.returncode == 0, pred.stderr[-3000:]
     name, prob = pred.stdout.strip().splitlines()[-1].split("\t")[1:]
     assert name in [str(i) for i in range(10)] and 0.0 <= float(prob) <= 1.0
 
-    missing = trainer("predict", f"--workdir={workdir}", str(tmp_path / "none.png"))
+    missing = run(capsys, "predict", f"--workdir={workdir}", str(tmp_path / "none.png"))
     assert_bad_input(missing, r"image not found: .*none.png")
 
 
@@ -262,7 +265,9 @@ def test_export_an_older_step_to_gcs_then_evaluate_and_predict(
         name = f"checkpoints/ckpt-{step:09d}"
         storage.put(str(run_dir / name), storage.join(remote, name))
 
-    proc = trainer("export", f"--workdir={remote}", f"--step={older['global_step']}")
+    proc = run(
+        capsys, "export", f"--workdir={remote}", f"--step={older['global_step']}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         f"exported the weights of the step asked for, step {older['global_step']}"
@@ -272,7 +277,7 @@ def test_export_an_older_step_to_gcs_then_evaluate_and_predict(
     record = storage.read_json(storage.join(remote, "export", "export.json"))
     assert (record["step"], record["weights"]) == (older["global_step"], "step")
 
-    ev = trainer("evaluate", f"--workdir={remote}")
+    ev = run(capsys, "evaluate", f"--workdir={remote}")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert f"accuracy {older['val_accuracy']:.4f}" in ev.stdout
     metrics = storage.read_json(storage.join(remote, "eval", "metrics.json"))
@@ -284,7 +289,7 @@ def test_export_an_older_step_to_gcs_then_evaluate_and_predict(
     assert png.startswith(b"\x89PNG") and len(png) > 1000
 
     # The default: train.export = "best", as the finished run recorded it.
-    proc = trainer("export", f"--workdir={remote}")
+    proc = run(capsys, "export", f"--workdir={remote}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = summary["best"]["global_step"]
     assert f"exported the best weights, step {best}\n" in proc.stdout
@@ -294,7 +299,7 @@ def test_export_an_older_step_to_gcs_then_evaluate_and_predict(
     storage.rm(storage.join(remote, "export", "model.keras"))
     image = tmp_path / "photo.png"
     image.write_bytes(_sample_images()["photo-100x150.png"])
-    pred = trainer("predict", f"--workdir={remote}", str(image))
+    pred = run(capsys, "predict", f"--workdir={remote}", str(image))
     assert pred.returncode == 0, pred.stderr[-3000:]
     header, line = pred.stdout.strip().splitlines()[-2:]
     assert header == "image\tclass\tprobability of the class"
@@ -524,7 +529,8 @@ def test_a_changed_global_batch_is_refused_on_resume(digits, tmp_path, capsys):
 @pytest.mark.slow
 def test_a_phase_of_zero_epochs_is_skipped(digits, tmp_path, capsys):
     workdir = tmp_path / "run"
-    proc = trainer(  # The phase skip is the point: the small backbone.
+    proc = run(  # The phase skip is the point: the small backbone.
+        capsys,
         "train",
         *job_args(
             digits,
