@@ -1,11 +1,11 @@
 """Cached backbone features of frozen phases (issue 12), end to end.
 
 Every training runs on the real digits: in real `python -m trainer train`
-processes, but for the cache's bookkeeping test, whose five short runs go
-through `main.run` in this process (the notebook's way: one process, many
-runs). The kill -9 run keeps its workdir (and so its cache) in the GCS
-emulator and resumes on a fresh "machine" (HOME, TMPDIR), as
-tests/test_resume.py does.
+processes, but for the uncached run that the cached one is compared with and
+the five short runs of the cache's bookkeeping test, which go through
+`main.run` in this process (the notebook's way: one process, many runs). The
+kill -9 run keeps its workdir (and so its cache) in the GCS emulator and
+resumes on a fresh "machine" (HOME, TMPDIR), as tests/test_resume.py does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.test_cli import assert_bad_input, run, trainer
+from tests.test_cli import assert_bad_input, run
 from tests.test_resume import (
     SMALL_BACKBONE,
     Bucket,
@@ -110,15 +110,19 @@ def cached_reference(gcs_server, digits_dir, tmp_path_factory):
 # The two tests of `cached_reference` share a worker, so it runs once.
 @pytest.mark.slow
 @pytest.mark.xdist_group("cached")
-def test_cached_phase_reaches_the_uncached_head(digits_dir, cached_reference, tmp_path):
+def test_cached_phase_reaches_the_uncached_head(
+    digits_dir, cached_reference, tmp_path, capsys
+):
     url, out = cached_reference
     assert "phase 'transfer' on cached features: yes" in out
     assert re.search(r"feature cache: 259 records in [\d.]+s", out), out
     assert "phase 'finetune' on cached features: no (trainable_from" in out
 
     plain = tmp_path / "plain"
-    proc = trainer(
-        "train", *one_shard(digits_dir, str(plain), "data.cache_features=false")
+    proc = run(
+        capsys,
+        "train",
+        *one_shard(digits_dir, str(plain), "data.cache_features=false"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "phase 'transfer' on cached features: no (data.cache_features = false" in (
