@@ -4,18 +4,24 @@ Builds shards of 32x32 PNGs and 224x224 JPEGs in a temporary folder and copies
 them to fake-gcs-server, then, with identical parse/decode/batch stages,
 measures
 
-  (a) tf.data.TFRecordDataset on the local files,
-  (b) trainer.input_pipeline on the same local files (through fsspec),
-  (c) trainer.input_pipeline from fake-gcs-server through gcsfs,
+  (a)  tf.data.TFRecordDataset on the local files, in a process of its own
+       that runs nothing else: a user's own tf.data pipeline, glibc's malloc
+       as TensorFlow leaves it;
+  (a2) the same in this process, after ours has run here: native with the
+       malloc settings our pipeline makes (`input_pipeline._keep_freed_memory`),
+       the stricter comparison;
+  (b)  trainer.input_pipeline on the same local files (through fsspec),
+  (c)  trainer.input_pipeline from fake-gcs-server (ranged GETs),
 
-interleaved a, b, c, a, b, c, ... for `--rounds` rounds after one untimed
-warm-up round, so that load from other processes on the machine hits every
-variant alike. Each round's b/a and c/a ratios are taken against that round's
-a. Each run is timed to its last item (see `drain`). Printed per variant: the median rate, the median and spread (min-max) of
-its ratio to a, CPU milliseconds of this process per image (all its threads;
-a pipeline that leaves a core idle shows it in "cores busy"), the emulator
-process's CPU per image, and the peak RSS. Raw rows are TFRecord framing +
-CRC only, no parse or decode.
+interleaved a, a2, b, c, a, a2, b, c, ... for `--rounds` rounds after one
+untimed warm-up round, so that load from other processes on the machine hits
+every variant alike. Each round's ratios are taken against that round's a (the
+targets) and a2. Each run is timed to its last item (see `drain`). Printed per
+variant: the median rate, the median and spread (min-max) of its ratios, CPU
+milliseconds of its process per image (all its threads; a pipeline that leaves
+a core idle shows it in "cores busy"), the emulator process's CPU per image,
+and the peak RSS of its process. Raw rows are TFRecord framing + CRC only, no
+parse or decode.
 
     PYTHONPATH=. .venv/bin/python benchmarks/input_pipeline.py [--rounds=5]
 """
@@ -23,7 +29,9 @@ CRC only, no parse or decode.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
+import multiprocessing
 import os
 import statistics
 import sys
@@ -45,7 +53,7 @@ from PIL import Image  # noqa: E402
 from trainer import config, convert, input_pipeline, storage, tfrecord  # noqa: E402
 
 BATCH = 64
-VARIANTS = ("a native", "b ours local", "c ours gcs")
+VARIANTS = ("a native", "a2 native here", "b ours local", "c ours gcs")
 TARGETS = {"b ours local": 0.95, "c ours gcs": 0.90}  # decoded img/s x a
 RAW_TARGET = 0.8  # raw records/s from the emulator x a
 
@@ -217,24 +225,57 @@ def _cpu(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
-def timed(server: psutil.Process, fn, *args) -> dict:
-    """One run: items, wall s, CPU s of this process and of the emulator, RSS MB."""
+def timed(fn, *args) -> dict:
+    """One run in this process: items, wall s, CPU s, peak RSS MB."""
     me = psutil.Process()
     with PeakRSS() as mem:
-        c0, s0, t0 = _cpu(me), _cpu(server), time.perf_counter()
+        c0, t0 = _cpu(me), time.perf_counter()
         count, last = fn(*args)
         wall = last - t0  # To the last item (see `drain`).
-        cpu, server_cpu = _cpu(me) - c0, _cpu(server) - s0
-    return {"n": count, "wall": wall, "cpu": cpu, "server": server_cpu, "rss": mem.peak}
+        cpu = _cpu(me) - c0
+    return {"n": count, "wall": wall, "cpu": cpu, "rss": mem.peak}
+
+
+def _serve_native(conn) -> None:
+    """The own process's loop: one native run per request, until None."""
+    while (request := conn.recv()) is not None:
+        kind, prefix, size = request
+        spec = spec_for(prefix, size)
+        files = input_pipeline.list_shards(spec.data.train)
+        if kind == "raw":
+            conn.send(timed(native_raw, files))
+        else:
+            conn.send(timed(native_decoded, spec, files))
+
+
+class NativeProcess:
+    """Variant a: native tf.data in a spawned process that runs nothing else."""
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_native, args=(child,), daemon=True)
+        self.proc.start()
+
+    def run(self, kind: str, prefix: str, size: int) -> dict:
+        self.conn.send((kind, prefix, size))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join()
 
 
 def run_rounds(cases: dict, rounds: int, server: psutil.Process) -> dict:
     """{(size, kind, variant): [run, ...]}: one warm-up round, then `rounds`
-    rounds, every case once per round in the order of `cases`."""
+    rounds, every case (a function returning `timed`'s dict) once per round
+    in the order of `cases`; the emulator's CPU is added to each run."""
     runs: dict = {key: [] for key in cases}
     for r in range(rounds + 1):
-        for key, (fn, *args) in cases.items():
-            result = timed(server, fn, *args)
+        for key, case in cases.items():
+            s0 = _cpu(server)
+            result = case()
+            result["server"] = _cpu(server) - s0
             if r:  # Round 0 warms up: TF's graphs, gcsfs' session, counts caches.
                 runs[key].append(result)
         if r:
@@ -249,27 +290,31 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def report(runs: dict, sizes, kind: str, unit: str, target) -> None:
     print(
-        f"\n| {kind} | {unit} median | x a: median [min-max] | CPU ms/{unit[:3]} "
-        f"| cores busy | emulator CPU ms/{unit[:3]} | peak RSS MB |"
+        f"\n| {kind} | {unit} median | x a: median [min-max] | x a2 "
+        f"| CPU ms/{unit[:3]} | cores busy | emulator CPU ms/{unit[:3]} "
+        "| peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for size in sizes:
-        base = runs[(size, kind, VARIANTS[0])]
+        rate = {
+            v: [r["n"] / r["wall"] for r in runs[(size, kind, v)]] for v in VARIANTS
+        }
         for variant in VARIANTS:
             rs = runs[(size, kind, variant)]
-            rates = [r["n"] / r["wall"] for r in rs]
-            ratios = [
-                x / (b["n"] / b["wall"]) for x, b in zip(rates, base, strict=True)
-            ]
+            ratios = {
+                b: [x / y for x, y in zip(rate[variant], rate[b], strict=True)]
+                for b in VARIANTS[:2]
+            }
             goal = target(variant)
             mark = ""
             if goal:
-                ok = statistics.median(ratios) >= goal
+                ok = statistics.median(ratios[VARIANTS[0]]) >= goal
                 mark = f" ({'meets' if ok else 'MISSES'} >= {goal})"
             label = f"{size}x{size} {'PNG' if size == 32 else 'JPEG'} {variant}"
             print(
-                f"| {label} | {statistics.median(rates):,.0f} "
-                f"| {_spread(ratios, '.2f')}{mark} "
+                f"| {label} | {statistics.median(rate[variant]):,.0f} "
+                f"| {_spread(ratios[VARIANTS[0]], '.2f')}{mark} "
+                f"| {_spread(ratios[VARIANTS[1]], '.2f')} "
                 f"| {statistics.median([r['cpu'] / r['n'] * 1e3 for r in rs]):.3f} "
                 f"| {statistics.median([r['cpu'] / r['wall'] for r in rs]):.2f} "
                 f"| {statistics.median([r['server'] / r['n'] * 1e3 for r in rs]):.3f} "
@@ -319,6 +364,7 @@ def main() -> None:
     from tests import gcs_emulator
 
     server = gcs_emulator.start_emulator()
+    native = NativeProcess()
     try:
         gcs_emulator.client().create_bucket("bench")
         storage.put(tmp, "gs://bench/shards")
@@ -329,24 +375,40 @@ def main() -> None:
             local = spec_for(os.path.join(tmp, prefix), size)
             remote = spec_for(f"gs://bench/shards/{prefix}", size)
             files = input_pipeline.list_shards(local.data.train)
-            a, b, c = VARIANTS
+            a, a2, b, c = VARIANTS
+            where = (os.path.join(tmp, prefix), size)
             if "raw" in kinds:
-                cases[(size, "raw", a)] = (native_raw, files)
-                cases[(size, "raw", b)] = (ours_raw, local, stats)
-                cases[(size, "raw", c)] = (ours_raw, remote, stats)
+                cases[(size, "raw", a)] = functools.partial(native.run, "raw", *where)
+                cases[(size, "raw", a2)] = functools.partial(timed, native_raw, files)
+                cases[(size, "raw", b)] = functools.partial(
+                    timed, ours_raw, local, stats
+                )
+                cases[(size, "raw", c)] = functools.partial(
+                    timed, ours_raw, remote, stats
+                )
             if "decoded" in kinds:
-                cases[(size, "decoded", a)] = (native_decoded, local, files)
-                cases[(size, "decoded", b)] = (ours_decoded, local)
-                cases[(size, "decoded", c)] = (ours_decoded, remote)
+                cases[(size, "decoded", a)] = functools.partial(
+                    native.run, "decoded", *where
+                )
+                cases[(size, "decoded", a2)] = functools.partial(
+                    timed, native_decoded, local, files
+                )
+                cases[(size, "decoded", b)] = functools.partial(
+                    timed, ours_decoded, local
+                )
+                cases[(size, "decoded", c)] = functools.partial(
+                    timed, ours_decoded, remote
+                )
         runs = run_rounds(cases, args.rounds, psutil.Process(server._process.pid))
     finally:
+        native.close()
         server.stop()
 
     print(f"\nmedians of {args.rounds} interleaved rounds")
     if "decoded" in kinds:
         report(runs, sizes, "decoded", "img/s", TARGETS.get)
     if "raw" in kinds:
-        raw_goal = lambda v: RAW_TARGET if v == VARIANTS[2] else None  # noqa: E731
+        raw_goal = lambda v: RAW_TARGET if v == VARIANTS[3] else None  # noqa: E731
         report(runs, sizes, "raw", "rec/s", raw_goal)
     print(
         f"\nreader buffer high-water mark (raw reads): {stats.max_buffer_bytes:,} "

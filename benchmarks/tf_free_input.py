@@ -118,7 +118,7 @@ def _serve(conn, name: str, spec, threads: int) -> None:
 class _Path:
     """One input path in a process of its own: np_input's never imports
     TensorFlow, whose import changes the process's malloc settings
-    (tf.data's from_generator sets M_TRIM_THRESHOLD), as in real use."""
+    (tf.data's from_generator pins M_MMAP_THRESHOLD), as in real use."""
 
     def __init__(self, name: str, spec, threads: int):
         ctx = multiprocessing.get_context("spawn")

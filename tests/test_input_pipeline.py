@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
+import subprocess
+import sys
 import tracemalloc
 
 import fsspec.implementations.memory
@@ -14,6 +17,8 @@ import tensorflow as tf
 
 from trainer import config, convert, input_pipeline, storage, tfrecord
 from trainer.errors import DataError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_spec(data_dir: str, *, batch: int = 32, **data) -> config.JobSpec:
@@ -154,6 +159,69 @@ def test_decode_is_parallel_and_never_waits_on_python(digits_dir):
         assert ops[decode + 1 : source].count("ParallelMapDatasetV2") == 0, ops
         calls = consts[stages[decode].input[-1].split(":")[0]].attr["value"].tensor
         assert calls.int64_val == [tf.data.AUTOTUNE], stages[decode]
+
+
+_MALLOC_CHECK = """
+import ctypes, json, sys
+import tensorflow as tf
+from tests.test_input_pipeline import make_spec
+from trainer import input_pipeline
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mmapped(size):  # Whether malloc(size) gets a fresh mmap of its own.
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(size)
+    after = libc.mallinfo2().hblks
+    libc.free(p)
+    return after - before
+
+def first(ds):
+    for item in ds:
+        return item
+
+batch = 64 * 224 * 224 * 3  # A batch of 224 px images (a free chunk that
+# size is unlikely, so malloc must either grow a heap or mmap).
+if sys.argv[1] == "ours":
+    first(input_pipeline.train_dataset(make_spec(sys.argv[2], batch=64), epoch=0))
+else:  # TensorFlow's own from_generator, nothing of ours.
+    first(tf.data.Dataset.from_generator(lambda: iter([1]), output_types=tf.int32))
+print(json.dumps(mmapped(batch)))
+"""
+
+
+@pytest.mark.slow
+def test_batches_reuse_freed_memory_after_tensorflows_malloc_setting(digits_dir):
+    """TensorFlow's first from_generator kernel in a process pins glibc's mmap
+    threshold at 128 kB (TF 2.21), so every decoded 224 px image and every
+    batch would be a fresh mmap, zeroed page by page: a sixth of the
+    pipeline's CPU in page faults. Our generator sets malloc back to reuse
+    freed memory when a pass starts. Each in a fresh process (TensorFlow
+    makes its setting once per process, when our dataset's iterator is built,
+    after the dataset itself): the premise, then ours."""
+
+    def mmapped(*args) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _MALLOC_CHECK, *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"},
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert mmapped("tf") == 1, "TensorFlow no longer pins M_MMAP_THRESHOLD"
+    assert mmapped("ours", digits_dir) == 0
 
 
 def test_split_info_counts_from_manifest_or_cached_count(tmp_path, digits_dir):

@@ -182,24 +182,49 @@ def _random_crop(image, size: int, seed):
 
 
 @functools.cache
-def _keep_freed_memory() -> None:
-    """Tells glibc's malloc to keep freed memory for reuse (once per process).
+def _mallopt():
+    """glibc's `mallopt`, or None (macOS, musl: their own malloc rules)."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
 
-    Every record crosses the reader as a few 16 kB Python and TensorFlow
-    strings, freed by other threads than those that made them. With glibc's
-    defaults a free that leaves 128 kB or more at the top of a heap gives it
-    back to the OS, and the next allocation takes fresh pages: 22 minor page
-    faults per 224 px JPEG (native tf.data: 3), ~15% more kernel CPU per image.
-    These are the values glibc's own adaptive rule reaches once it has freed
-    one 32 MB block (mmap threshold 32 MB, trim threshold twice that), set from
+
+def _keep_freed_memory() -> None:
+    """Tells glibc's malloc to keep freed memory for reuse.
+
+    Must run after TensorFlow's own setting, which the first `from_generator`
+    kernel of the process makes (`ApplyPython311MemoryPatch`, TF 2.21: its
+    log line says M_TRIM_THRESHOLD, its call sets M_MMAP_THRESHOLD to 128 kB,
+    which also turns off glibc's adaptive threshold). Under it every buffer of
+    128 kB or more is a fresh mmap, zeroed by the kernel page by page and
+    unmapped when freed: each decoded 224 px image (150 kB) and each batch
+    (64 of them): 21 minor page faults per image against native tf.data's
+    0.6, and a sixth of the process's CPU in the kernel. Hence the call from
+    inside the generator (`_after_tf_malloc_setting`), each time a pass starts.
+
+    The values are those glibc's adaptive rule reaches once it has freed one
+    32 MB block (mmap threshold 32 MB, trim threshold twice that), set from
     the start; memory is still given back above them.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
-    except (OSError, AttributeError):  # Not glibc (macOS, musl): their own rules.
-        pass
+    mallopt = _mallopt()
+    if mallopt is not None:
+        mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+        mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+
+
+def _after_tf_malloc_setting(gen):
+    """`gen` (a generator factory) that first calls `_keep_freed_memory`.
+
+    A from_generator's generator runs after its kernel was built, so after
+    TensorFlow's malloc setting (see `_keep_freed_memory`).
+    """
+
+    def chunks():
+        _keep_freed_memory()
+        yield from gen()
+
+    return chunks
 
 
 def _records_dataset(gen) -> tf.data.Dataset:
@@ -212,9 +237,8 @@ def _records_dataset(gen) -> tf.data.Dataset:
     machine); the decodes already dispatched finish and the cores idle. Behind
     the buffer, a tf.data thread of its own does that waiting ahead of time.
     """
-    _keep_freed_memory()
     return tf.data.Dataset.from_generator(
-        gen,
+        _after_tf_malloc_setting(gen),
         output_signature=(
             tf.TensorSpec([None], tf.string),  # image bytes
             tf.TensorSpec([None], tf.int32),  # 0-based labels
@@ -434,7 +458,7 @@ def _features_dataset(gen, features, batch: int, *, drop_remainder: bool):
             yield features.values[np.concatenate(rows)], np.concatenate(labels)
 
     return tf.data.Dataset.from_generator(
-        batches,
+        _after_tf_malloc_setting(batches),
         output_signature=(
             tf.TensorSpec(
                 [batch if drop_remainder else None, *features.shape], features.dtype
