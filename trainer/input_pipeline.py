@@ -199,9 +199,9 @@ def _keep_freed_memory() -> None:
     which also turns off glibc's adaptive threshold). Under it every buffer of
     128 kB or more is a fresh mmap, zeroed by the kernel page by page and
     unmapped when freed: each decoded 224 px image (150 kB) and each batch
-    (64 of them): 21 minor page faults per image against native tf.data's
-    0.6, and a sixth of the process's CPU in the kernel. Hence the call from
-    inside the generator (`_after_tf_malloc_setting`), each time a pass starts.
+    (64 of them). That cost 21 minor page faults per image (about 5 with this
+    setting) and a sixth of the process's CPU in the kernel. Hence the call
+    from inside the generator (`_after_tf_malloc_setting`), as a pass starts.
 
     The values are those glibc's adaptive rule reaches once it has freed one
     32 MB block (mmap threshold 32 MB, trim threshold twice that), set from
