@@ -184,16 +184,14 @@ def mmapped(size):  # Whether malloc(size) gets a fresh mmap of its own.
     libc.free(p)
     return after - before
 
-def first(ds):
-    for item in ds:
-        return item
-
-batch = 64 * 224 * 224 * 3  # A batch of 224 px images (a free chunk that
-# size is unlikely, so malloc must either grow a heap or mmap).
+# A batch of 224 px images: no free chunk of that size is likely, so malloc
+# must either grow a heap or mmap.
+batch = 64 * 224 * 224 * 3
 if sys.argv[1] == "ours":
-    first(input_pipeline.train_dataset(make_spec(sys.argv[2], batch=64), epoch=0))
+    ds = input_pipeline.train_dataset(make_spec(sys.argv[2], batch=64), epoch=0)
 else:  # TensorFlow's own from_generator, nothing of ours.
-    first(tf.data.Dataset.from_generator(lambda: iter([1]), output_types=tf.int32))
+    ds = tf.data.Dataset.from_generator(lambda: iter([1]), output_types=tf.int32)
+next(iter(ds))
 print(json.dumps(mmapped(batch)))
 """
 
