@@ -143,7 +143,7 @@ def spec_for(url_prefix: str, size: int) -> config.JobSpec:
 def parse_chunk(spec):
     """tf.io.parse_example on a batch of records: native's parse stage.
 
-    Ours parses each tf.train.Example in its reader threads (it checks every
+    Ours parses each tf.train.Example in its Python reader (it checks every
     record and names the bad one), so this stage is part of each pipeline.
     """
     d = spec.data

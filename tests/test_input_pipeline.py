@@ -8,6 +8,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 
 import fsspec.implementations.memory
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import config, convert, input_pipeline, storage, tfrecord
+from trainer import config, convert, input_pipeline, records, storage, tfrecord
 from trainer.errors import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -484,7 +486,8 @@ def test_skip_drops_and_counts_corrupt_records(tmp_path):
 # Memory
 
 
-def test_memory_is_bounded_while_streaming_a_large_shard(tmp_path):
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_memory_is_bounded_while_streaming_a_large_shard(tmp_path, read_ahead):
     block = 256 * 1024
     record = os.urandom(8 * 1024)
     url = str(tmp_path / "big.tfrecord")
@@ -494,14 +497,17 @@ def test_memory_is_bounded_while_streaming_a_large_shard(tmp_path):
     stats = tfrecord.ReadStats()
     tracemalloc.start()
     try:
-        frames = tfrecord.iter_shard(url, block_size=block, stats=stats)
+        frames = tfrecord.iter_shard(
+            url, block_size=block, stats=stats, read_ahead=read_ahead
+        )
         n = sum(1 for _ in frames)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert n == 3000
     assert block <= stats.max_buffer_bytes <= block + len(record) + 16
-    assert peak < 4 * block + 1024 * 1024, peak
+    # Buffers of 1.25 blocks: the one being framed and `read_ahead` more.
+    assert peak < 1.25 * block * (read_ahead + 1) + 1024 * 1024, peak
 
 
 class _FlakyFS(fsspec.implementations.memory.MemoryFileSystem):
@@ -556,20 +562,133 @@ def test_shard_replaced_mid_read(gcs_server, gcs_bucket):
     assert list(tfrecord.read_records(url)) == records  # A fresh read is fine.
 
 
-def test_blocks_are_read_into_one_buffer(tmp_path):
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_blocks_are_read_into_reused_buffers(tmp_path, read_ahead):
     """No fresh block-sized object per block (each would be new pages from
-    the OS); a record longer than a block grows the buffer once."""
+    the OS): blocks go into `read_ahead` + 1 buffers, used in turn; a record
+    longer than the room in front of a block is gathered in one of its own."""
     url = str(tmp_path / "s.tfrecord")
     records = [os.urandom(1000) for _ in range(200)] + [os.urandom(50_000)]
     _write_shard(url, records + records[:10])
-    frames = tfrecord._Frames(url, 8192, None)
+    frames = tfrecord._Frames(url, 8192, None, read_ahead)
     buffers, got = set(), []
     while frames.next(len(got), check_length=True):  # As iter_shard reads.
-        got.extend(data for _, data, _ in frames.whole(len(got), 0, verify=True))
+        got.extend(data for _, data in frames.whole(len(got), 0, True, None))
         buffers.add(id(frames._buf))
     frames.close()
     assert got == records + records[:10]
-    assert len(buffers) == 2  # The first, and one grown for the long record.
+    assert len(buffers) == read_ahead + 2  # And one for the long record.
+
+
+class _CountingFS(fsspec.implementations.memory.MemoryFileSystem):
+    """`counting://`: an in-memory store that counts the block reads."""
+
+    protocol = "counting"
+    reads = 0
+    threads: set[str] = set()  # The names of the threads that read.
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("counting://", "memory://", 1))
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        if "r" in mode:
+            f.readinto = _counted(f.readinto)
+        return f
+
+
+def _counted(readinto):
+    def counted_readinto(buf):
+        _CountingFS.reads += 1
+        _CountingFS.threads.add(threading.current_thread().name)
+        return readinto(buf)
+
+    return counted_readinto
+
+
+def _read_ahead_threads() -> int:
+    names = [t.name for t in threading.enumerate()]
+    return names.count(tfrecord.READ_AHEAD_THREAD)
+
+
+def _until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_read_ahead_reads_from_the_call_on_and_ends_with_the_reader():
+    """A shard's blocks are read by a thread before the records are asked
+    for, `read_ahead` blocks ahead (plus the one the consumer holds), and the
+    thread ends at the shard's end, when the reader is closed or dropped, and
+    when the pass's `stop` is set."""
+    fsspec.register_implementation("counting", _CountingFS, clobber=True)
+    url = "counting://ahead/a.tfrecord"
+    datas = [os.urandom(1000) for _ in range(100)]  # ~100 kB: 25 blocks of 4 kB
+    _write_shard(url, datas)
+    assert _until(lambda: _read_ahead_threads() == 0)
+    _CountingFS.reads = 0
+    reader = tfrecord.iter_shard(url, block_size=4096, read_ahead=2)
+    assert _until(lambda: _CountingFS.reads == 3)
+    time.sleep(0.2)
+    assert _CountingFS.reads == 3  # Waits for the consumer to free a buffer.
+    assert [data for _, data in reader] == datas
+    assert _until(lambda: _read_ahead_threads() == 0)  # Ended at the shard's end.
+
+    for end in ("close", "drop", "stop"):
+        stop = threading.Event()
+        reader = tfrecord.iter_shard(url, block_size=4096, read_ahead=2, stop=stop)
+        assert next(reader) == (0, datas[0]) and _read_ahead_threads() == 1
+        if end == "close":
+            reader.close()
+        elif end == "drop":
+            del reader
+        else:
+            stop.set()
+        assert _until(lambda: _read_ahead_threads() == 0), end
+
+
+def test_shard_readers_only_read_and_the_consumer_frames_and_checks():
+    """Per-shard threads do the I/O; framing, CRCs and record checks run in
+    the stream's consumer thread (threads that framed fought for the GIL)."""
+    fsspec.register_implementation("counting", _CountingFS, clobber=True)
+    urls = [f"counting://split/train-{s:05d}-of-00006.tfrecord" for s in range(6)]
+    counts = [10 + 300 * s for s in range(6)]  # Up to 120 blocks of 4 kB.
+    for url, n in zip(urls, counts, strict=True):
+        _write_shard(url, [_example(label=i % 10) for i in range(n)])
+    spec = make_spec("counting://split")
+    checked = set()
+
+    class Checker(records._Checker):
+        def check(self, data):
+            checked.add(threading.current_thread().name)
+            return super().check(data)
+
+    def stream():
+        return records._stream(
+            urls,
+            counts,
+            list(range(6)),
+            0,
+            reading=records._Reading(Checker(spec), "error", block_size=4096),
+            parallelism=4,
+            stop=threading.Event(),
+        )
+
+    assert _until(lambda: _read_ahead_threads() == 0)
+    _CountingFS.threads = set()
+    assert sum(len(datas) for datas, _ in stream()) == sum(counts)
+    assert checked == {threading.current_thread().name}
+    assert _CountingFS.threads == {tfrecord.READ_AHEAD_THREAD}
+    assert _until(lambda: _read_ahead_threads() == 0)
+    # Stopped early: the readers of shards not finished end too.
+    it = stream()
+    next(it)
+    assert _read_ahead_threads() > 0
+    it.close()
+    assert _until(lambda: _read_ahead_threads() == 0)
 
 
 def test_shard_deleted_mid_read(gcs_server, gcs_bucket):

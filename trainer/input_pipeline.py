@@ -232,7 +232,7 @@ def _records_dataset(gen) -> tf.data.Dataset:
 
     The buffer is what keeps decoding on every core. Without it the parallel
     decode's one dispatching thread calls into Python for each next chunk and
-    waits there for the GIL, which the reader threads hold in turns (5 ms
+    waits there for the GIL, which the reader's threads hold in turns (5 ms
     switch interval, longer when the OS deschedules the holder on a busy
     machine); the decodes already dispatched finish and the cores idle. Behind
     the buffer, a tf.data thread of its own does that waiting ahead of time.
@@ -248,7 +248,7 @@ def _records_dataset(gen) -> tf.data.Dataset:
 
 
 def _decoded(spec, records: tf.data.Dataset, epoch: int | None) -> tf.data.Dataset:
-    # The reader threads already parsed each tf.train.Example (to check it and
+    # The reader already parsed each tf.train.Example (to check it and
     # name the record when it is bad), so image bytes and labels arrive here.
     ds = records.unbatch().map(
         _decode_fn(spec, epoch=epoch),

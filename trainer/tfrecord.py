@@ -11,7 +11,9 @@ byte offset and record index.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import queue
 import struct
 import threading
 import time
@@ -31,6 +33,7 @@ BLOCK_SIZE = 4 * 1024 * 1024  # Bytes per read from a shard in an object store.
 # latency and overhead are paid per block (1 MB ranged GETs from the
 # emulator: 0.63 client + 0.85 server CPU ms/MB; 4 MB: 0.50 + 0.44).
 LOCAL_BLOCK_SIZE = 1024 * 1024
+READ_AHEAD_THREAD = "trainer-read-ahead"  # The name of the block reading threads.
 RETRIES = 5  # Attempts after a transient object-store error.
 RETRY_DELAY = 0.5  # Seconds before the first retry; doubled for each next.
 REMEDY = (
@@ -63,6 +66,13 @@ def frame_record(data: bytes) -> bytes:
             _U32.pack(masked_crc32c(data)),
         )
     )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _length_crc(length: int) -> int:
+    """The masked CRC of a record length (lengths repeat; a third of the
+    cost of computing it)."""
+    return masked_crc32c(_U64.pack(length))
 
 
 def skip_record(skipped: Skipped | None, index: int, reason: str, message: str) -> None:
@@ -326,22 +336,126 @@ class _Unframeable(Exception):
         self.reason, self.message = reason, message
 
 
+class _Blocks:
+    """The blocks of one shard, each in a buffer at offset `slack`.
+
+    The room in front of a block takes the partial frame the previous block
+    ended with, so a block is framed where it was read, never moved. With
+    `depth` > 0 a thread reads up to `depth` blocks ahead of `get()`: reads
+    release the GIL, so the I/O of many shards (a network filesystem's or an
+    object store's latency) overlaps, while framing and checks stay in the
+    consumer's thread (threads that frame fight over the GIL: see
+    `records._stream`). With `depth` 0, `get()` reads in the caller's thread
+    into one reused buffer.
+
+    Args:
+      url: the shard.
+      block_size: bytes per read.
+      depth: blocks read ahead in a thread (0: none, no thread).
+      stop: ends the read-ahead thread when set (so does closing this, or
+        dropping it).
+    """
+
+    def __init__(self, url: str, block_size: int, depth: int = 0, stop=None):
+        self.slack = block_size // 4
+        self._file = _BlockFile(url, 0, block_size)
+        self._size = self.slack + block_size
+        self._free: queue.Queue = queue.Queue()  # Buffers the consumer is done with.
+        self._full: queue.Queue | None = None
+        self._closed = threading.Event()
+        if depth:
+            self._full = queue.Queue()  # Bounded by the depth + 1 buffers.
+            for _ in range(depth + 1):
+                self._free.put(None)  # Allocated by the thread when first used.
+            # The thread holds no reference to this object: a reader dropped
+            # without close() is collected, and __del__ ends the thread.
+            args = (self._file, self._size, self.slack, self._free, self._full)
+            stops = (self._closed, stop or threading.Event())
+            threading.Thread(
+                target=_read_ahead,
+                args=(*args, stops),
+                daemon=True,
+                name=READ_AHEAD_THREAD,
+            ).start()
+
+    def get(self) -> tuple[bytearray, int]:
+        """The next block: (buffer, bytes at `slack`); 0 bytes at the end."""
+        if self._full is None:
+            buf = self._free.get_nowait() if self._free.qsize() else None
+            buf = buf or bytearray(self._size)
+            with memoryview(buf) as view:
+                return buf, self._file.readinto(view[self.slack :])
+        item = self._full.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def give_back(self, buf: bytearray) -> None:
+        """Returns a buffer from `get()` once its bytes are no longer needed."""
+        self._free.put(buf)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._full is None:
+            self._file.close()  # Else the thread closes it on its way out.
+
+    def __del__(self):
+        self._closed.set()
+
+
+def _read_ahead(file, size, slack, free, full, stops) -> None:
+    """`_Blocks`' thread: reads blocks into free buffers until the end, an
+    error (handed to the consumer) or a stop."""
+
+    def take():
+        while not any(s.is_set() for s in stops):
+            try:
+                return True, free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return False, None
+
+    try:
+        while True:
+            ok, buf = take()
+            if not ok:
+                full.put(RuntimeError(f"{file.url}: read stopped"))
+                return
+            buf = buf or bytearray(size)
+            with memoryview(buf) as view:
+                n = file.readinto(view[slack:])
+            full.put((buf, n))
+            if not n:
+                return
+    except BaseException as e:  # Raised by the consumer's get().
+        full.put(e)
+    finally:
+        file.close()
+
+
 class _Frames:
     """The frames of one shard, one at a time, read block by block.
 
-    Blocks are read into one reusable buffer, which holds at most one block
-    plus one record whatever the shard size (it grows only for a record
-    longer than a block). Records leave it as bytes copies.
+    Blocks come from `_Blocks`, in buffers reused from block to block; the
+    memory held is at most (read-ahead depth + 1) blocks plus one record,
+    whatever the shard size. Records leave as bytes copies.
     """
 
-    def __init__(self, url: str, block_size: int, stats: ReadStats | None):
+    def __init__(
+        self,
+        url: str,
+        block_size: int,
+        stats: ReadStats | None,
+        read_ahead: int = 0,
+        stop=None,
+    ):
         self.url = url
         self.offset = 0  # Byte offset of the current frame in the shard.
-        self._file = _BlockFile(url, 0, block_size)
+        self._blocks = _Blocks(url, block_size, read_ahead, stop)
         self._stats = stats
-        self._block = block_size
         self._buf = bytearray()
         self._view = memoryview(self._buf)
+        self._owned = False  # Whether _buf came from _blocks (and goes back).
         self._end = 0  # Bytes of _buf that hold data.
         self._pos = 0  # Position of the current frame in _buf.
         self._base = 0  # Byte offset of _buf[0] in the shard.
@@ -367,7 +481,7 @@ class _Frames:
         length, length_crc = _HEADER.unpack_from(self._buf, self._pos)
         self.offset = self._base + self._pos
         # The CRC is of the length's 8 bytes as stored: little-endian uint64.
-        if check_length and length_crc != masked_crc32c(_U64.pack(length)):
+        if check_length and length_crc != _length_crc(length):
             raise _Unframeable(
                 "crc_mismatch",
                 f"{self.url}: corrupt record length (CRC mismatch) at byte offset "
@@ -383,7 +497,7 @@ class _Frames:
             )
         return True
 
-    def whole(self, index: int, start: int, verify: bool) -> Iterator[tuple]:
+    def whole(self, index: int, start: int, verify: bool, bad) -> Iterator[tuple]:
         """Every whole frame buffered, from the current one (frame `index`,
         which `next` buffered and checked) on; the records from `start` on.
 
@@ -393,59 +507,68 @@ class _Frames:
         copies fall out of the CPU cache before the checker reads them (+25%
         reader CPU at 224 px). Stops before a frame cut off by the end of the
         buffer or with a bad length CRC, for `next` to fill or to raise at;
-        `self.index` is then the next frame's index.
+        `self.index` is then the next frame's index. A record whose CRC does
+        not match goes to `bad(index, byte offset)` instead.
 
         Yields:
-          (record index, record bytes or None when its CRC does not match,
-          byte offset)
+          (record index, record bytes)
         """
         buf, view, crc = self._buf, self._view, masked_crc32c
         pos, end = self._pos, self._end
-        unpack, pack, u32 = _HEADER.unpack_from, _U64.pack, _U32.unpack_from
+        unpack, u32, length_crc_of = _HEADER.unpack_from, _U32.unpack_from, _length_crc
         while end - pos >= 12:
             length, length_crc = unpack(buf, pos)
             stop = pos + 16 + length
             if stop > end:
                 break
-            if (verify or index >= start) and length_crc != crc(pack(length)):
+            if (verify or index >= start) and length_crc != length_crc_of(length):
                 break
             if index >= start:
                 data = bytes(view[pos + 12 : stop - 4])
-                if verify and crc(data) != u32(buf, stop - 4)[0]:
-                    data = None
                 self._pos = stop  # Before the yield: the consumer may stop here.
-                yield index, data, self._base + pos
+                if verify and crc(data) != u32(buf, stop - 4)[0]:
+                    bad(index, self._base + pos)
+                else:
+                    yield index, data
             pos = stop
             index += 1
         self._pos = pos
         self.index = index
 
     def close(self) -> None:
-        self._file.close()
+        self._blocks.close()
         self._view.release()
 
     def _fill(self, need: int) -> bool:
         """Makes `need` bytes available from the current frame; False at end of file."""
-        # The partial frame moves to the front (through a copy: they may overlap).
-        tail = self._view[self._pos : self._end].tobytes()
+        tail = self._view[self._pos : self._end].tobytes()  # The partial frame.
         have = len(tail)
-        self._base += self._pos
-        if max(have + self._block, need) > len(self._buf):  # First, or a long record.
-            # Room for a block plus a partial frame: reused for every block.
-            self._view.release()
-            self._buf = bytearray(max(self._block, need) + max(have, self._block // 4))
-            self._view = memoryview(self._buf)
-        self._buf[:have] = tail
-        self._pos = 0
-        while have < need and not self._eof:
-            n = self._file.readinto(self._view[have:])
-            if not n:
-                self._eof = True
-            have += n
-        self._end = have
+        at = self._base + self._pos  # The partial frame's offset in the shard.
+        self._view.release()
+        if self._owned:
+            self._blocks.give_back(self._buf)
+        buf, n = (None, 0) if self._eof else self._blocks.get()
+        self._eof = self._eof or not n
+        slack = self._blocks.slack
+        if buf is not None and have <= slack and (have + n >= need or self._eof):
+            buf[slack - have : slack] = tail  # In front of the block.
+            self._buf, self._owned = buf, True
+            self._pos, self._end = slack - have, slack + n
+        else:  # The end, or a frame longer than the room: gathered in its own.
+            self._buf, self._owned = bytearray(tail), False
+            while buf is not None:
+                self._buf += memoryview(buf)[slack : slack + n]
+                self._blocks.give_back(buf)
+                buf = None
+                if len(self._buf) < need and not self._eof:
+                    buf, n = self._blocks.get()
+                    self._eof = not n
+            self._pos, self._end = 0, len(self._buf)
+        self._base = at - self._pos
+        self._view = memoryview(self._buf)
         if self._stats is not None:
-            self._stats.note_buffer(have)
-        return have >= need
+            self._stats.note_buffer(self._end - self._pos)
+        return self._end - self._pos >= need
 
 
 def block_size_for(url: str) -> int:
@@ -462,8 +585,10 @@ def iter_shard(
     block_size: int | None = None,
     skipped: Skipped | None = None,
     stats: ReadStats | None = None,
+    read_ahead: int = 0,
+    stop: threading.Event | None = None,
 ) -> Iterator[tuple[int, bytes]]:
-    """Yields (record index, record bytes) of one shard from record `start` on.
+    """(record index, record bytes) of one shard from record `start` on.
 
     Args:
       url: the shard.
@@ -475,14 +600,33 @@ def iter_shard(
       block_size: bytes per read (None: `block_size_for(url)`).
       skipped: `skipped(index, reason)` hears of each record dropped.
       stats: where the buffer's high-water mark is noted.
+      read_ahead: blocks a thread reads ahead, from this call on (0: reads
+        happen in the iterating thread, when the records are asked for).
+      stop: ends the read-ahead thread when set (as does closing or dropping
+        the iterator).
 
-    Raises:
-      DataError: a bad frame (on_corrupt = "error"), a shard gone, or reads
-        that kept failing; it names the URL, byte offset and remedy.
+    Returns:
+      An iterator; it raises DataError at a bad frame (on_corrupt =
+      "error"), a shard gone, or reads that kept failing, naming the URL,
+      byte offset and remedy.
     """
-    frames = _Frames(url, block_size or block_size_for(url), stats)
-    skip_mode = on_corrupt == "skip"
-    index = 0
+    size = block_size or block_size_for(url)
+    frames = _Frames(url, size, stats, read_ahead, stop)
+    return _records(frames, start, verify, on_corrupt == "skip", skipped)
+
+
+def _records(
+    frames: _Frames, start: int, verify: bool, skip_mode: bool, skipped
+) -> Iterator[tuple[int, bytes]]:
+    """`iter_shard`'s records; closes `frames` at the end."""
+    url, index = frames.url, 0
+
+    def crc_mismatch(i: int, offset: int) -> None:
+        msg = f"{url}: CRC mismatch in record {i} at byte offset {offset}; {REMEDY}"
+        if not skip_mode:
+            raise DataError(msg)
+        skip_record(skipped, i, "crc_mismatch", msg)
+
     try:
         while True:
             try:
@@ -494,17 +638,7 @@ def iter_shard(
                 note = " (rest of shard skipped)" if e.reason == "crc_mismatch" else ""
                 skip_record(skipped, index, e.reason, e.message + note)
                 return
-            for i, data, offset in frames.whole(index, start, verify):
-                if data is None:  # Its CRC did not match.
-                    msg = (
-                        f"{url}: CRC mismatch in record {i} at byte offset "
-                        f"{offset}; {REMEDY}"
-                    )
-                    if not skip_mode:
-                        raise DataError(msg)
-                    skip_record(skipped, i, "crc_mismatch", msg)
-                else:
-                    yield i, data
+            yield from frames.whole(index, start, verify, crc_mismatch)
             index = frames.index
     finally:
         frames.close()
