@@ -127,7 +127,24 @@ class Run:
             self.proc.send_signal(signum)
 
     def describe(self) -> str:
-        return f"exit {self.proc.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-4000:]}"
+        """Exit code and output tails; for a crash, also where it began (a
+        fatal signal's stack dump outgrows the tail)."""
+        err = self.stderr
+        crash = _CRASH.search(err)
+        start = ""
+        if crash and crash.start() < len(err) - 4000:
+            start = f"{err[crash.start() : crash.start() + 4000]}\n[...]\n"
+        return (
+            f"exit {self.proc.returncode}\n--- stdout\n{self.stdout[-3000:]}\n"
+            f"--- stderr\n{start}{err[-4000:]}"
+        )
+
+
+# The first line of a crash in a child's stderr: absl/glog's fatal log line,
+# a C++ exception that ends the process, Python's fatal-signal dump.
+_CRASH = re.compile(
+    r"^F\d{4} |terminate called|Fatal Python error|Check failed", re.MULTILINE
+)
 
 
 def run_to_end(args, scratch, timeout=240) -> Run:
