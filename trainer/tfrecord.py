@@ -381,8 +381,10 @@ class _Blocks:
     def get(self) -> tuple[bytearray, int]:
         """The next block: (buffer, bytes at `slack`); 0 bytes at the end."""
         if self._full is None:
-            buf = self._free.get_nowait() if self._free.qsize() else None
-            buf = buf or bytearray(self._size)
+            try:
+                buf = self._free.get_nowait()  # The one buffer, given back.
+            except queue.Empty:
+                buf = bytearray(self._size)
             with memoryview(buf) as view:
                 return buf, self._file.readinto(view[self.slack :])
         item = self._full.get()
