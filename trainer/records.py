@@ -339,16 +339,6 @@ class _Checker:
         self.classes = max(d.num_classes, 2)  # num_classes = 1 is binary 0/1.
         self.skip = d.on_corrupt == "skip"
 
-    def __call__(
-        self, url: str, index: int, data: bytes, skipped=None
-    ) -> tuple[bytes, int] | None:
-        """(image bytes, 0-based label) of a good record; None for a skipped one."""
-        try:
-            return self.check(data)
-        except _BadRecord as bad:
-            self.refuse(url, index, bad, skipped)
-            return None
-
     def refuse(self, url: str, index: int, bad: _BadRecord, skipped) -> None:
         """Raises DataError naming a bad record, or (skip mode) tells `skipped`."""
         msg = f"{url}: record {index} {bad.problem}"

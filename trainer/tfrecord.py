@@ -83,14 +83,15 @@ def skip_record(skipped: Skipped | None, index: int, reason: str, message: str) 
 
 
 class ReadStats:
-    """The largest block buffer held by the shard reads this is passed to.
+    """The most bytes buffered for framing by the shard reads this is passed to.
 
-    A memory check for tests and benchmarks: a reader holds at most one block
-    plus one record, whatever the shard size.
+    A memory check for tests and benchmarks: the buffer being framed holds at
+    most one block plus one record, whatever the shard size (a reader that
+    reads ahead holds its depth in more blocks besides).
     """
 
     def __init__(self):
-        self._lock = threading.Lock()  # Shard readers run in several threads.
+        self._lock = threading.Lock()  # Streams in several threads may share one.
         self.max_buffer_bytes = 0
 
     def note_buffer(self, size: int) -> None:
