@@ -231,7 +231,7 @@ def ours_raw(spec, stats: tfrecord.ReadStats) -> tuple[int, float]:
     return drain(stream, lambda chunk: len(chunk[0]))
 
 
-def ours_parsed(spec) -> tuple[int, float]:
+def ours_parsed(spec, stats=None) -> tuple[int, float]:
     """Ours up to the decode: the checked records' chunks as tf.data hands
     them to the decode stage (image bytes, labels, record ids)."""
     gen, batch, batches = input_pipeline._train_stream(spec, 0, 0, None, None)
@@ -246,9 +246,19 @@ def ours_parsed(spec) -> tuple[int, float]:
     return min(n, total), last
 
 
-def ours_decoded(spec) -> tuple[int, float]:
+def ours_decoded(spec, stats=None) -> tuple[int, float]:
     ds = input_pipeline.train_dataset(spec, epoch=0)
     return drain(ds, lambda b: int(b[0].shape[0]))
+
+
+# Each row's variants by kind: native(spec, files), ours(spec, stats=); the
+# ReadStats only gathers the raw reads' buffer high-water mark.
+NATIVE = {
+    "raw": lambda spec, files: native_raw(files),
+    "parsed": native_parsed,
+    "decoded": native_decoded,
+}
+OURS = {"raw": ours_raw, "parsed": ours_parsed, "decoded": ours_decoded}
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -273,8 +283,7 @@ def _serve_native(conn) -> None:
         kind, prefix, size = request
         spec = spec_for(prefix, size)
         files = input_pipeline.list_shards(spec.data.train)
-        run = {"raw": native_raw, "parsed": native_parsed, "decoded": native_decoded}
-        conn.send(timed(run[kind], *(() if kind == "raw" else (spec,)), files))
+        conn.send(timed(NATIVE[kind], spec, files))
 
 
 class NativeProcess:
@@ -407,41 +416,14 @@ def main() -> None:
             files = input_pipeline.list_shards(local.data.train)
             a, a2, b, c = VARIANTS
             where = (os.path.join(tmp, prefix), size)
-            if "raw" in kinds:
-                cases[(size, "raw", a)] = functools.partial(native.run, "raw", *where)
-                cases[(size, "raw", a2)] = functools.partial(timed, native_raw, files)
-                cases[(size, "raw", b)] = functools.partial(
-                    timed, ours_raw, local, stats
+            for kind in kinds:
+                cases[(size, kind, a)] = functools.partial(native.run, kind, *where)
+                cases[(size, kind, a2)] = functools.partial(
+                    timed, NATIVE[kind], local, files
                 )
-                cases[(size, "raw", c)] = functools.partial(
-                    timed, ours_raw, remote, stats
-                )
-            if "parsed" in kinds:
-                cases[(size, "parsed", a)] = functools.partial(
-                    native.run, "parsed", *where
-                )
-                cases[(size, "parsed", a2)] = functools.partial(
-                    timed, native_parsed, local, files
-                )
-                cases[(size, "parsed", b)] = functools.partial(
-                    timed, ours_parsed, local
-                )
-                cases[(size, "parsed", c)] = functools.partial(
-                    timed, ours_parsed, remote
-                )
-            if "decoded" in kinds:
-                cases[(size, "decoded", a)] = functools.partial(
-                    native.run, "decoded", *where
-                )
-                cases[(size, "decoded", a2)] = functools.partial(
-                    timed, native_decoded, local, files
-                )
-                cases[(size, "decoded", b)] = functools.partial(
-                    timed, ours_decoded, local
-                )
-                cases[(size, "decoded", c)] = functools.partial(
-                    timed, ours_decoded, remote
-                )
+                ours = functools.partial(OURS[kind], stats=stats)
+                cases[(size, kind, b)] = functools.partial(timed, ours, local)
+                cases[(size, kind, c)] = functools.partial(timed, ours, remote)
         runs = run_rounds(cases, args.rounds, psutil.Process(server._process.pid))
     finally:
         native.close()
