@@ -166,8 +166,9 @@ def parse_chunk(spec):
     return parse
 
 
-def drain(batches, size) -> tuple[int, float]:
-    """Items in `batches` and the perf_counter when the last one arrived.
+def drain(batches, size, limit: int | None = None) -> tuple[int, float]:
+    """Items in `batches` (up to `limit`) and the perf_counter when the last
+    one arrived.
 
     Timed to the last item, not to the return: deleting a tf.data iterator
     waits for its autotune thread's timer, 0.25 to 1.2 s at random, native's
@@ -178,6 +179,8 @@ def drain(batches, size) -> tuple[int, float]:
     for b in batches:
         n += size(b)
         last = time.perf_counter()
+        if limit is not None and n >= limit:
+            return limit, last
     return n, last
 
 
@@ -233,34 +236,27 @@ def ours_raw(spec, stats: tfrecord.ReadStats) -> tuple[int, float]:
     return drain(stream, lambda chunk: len(chunk[0]))
 
 
-def ours_parsed(spec, stats=None) -> tuple[int, float]:
+def ours_parsed(spec) -> tuple[int, float]:
     """Ours up to the decode: the checked records' chunks as tf.data hands
     them to the decode stage (image bytes, labels, record ids)."""
     gen, batch, batches = input_pipeline._train_stream(spec, 0, 0, None, None)
     # The stream wraps around at the epoch's end (the decoded dataset takes
     # its batches): stopped at the epoch's records.
-    total, n, last = batch * batches, 0, time.perf_counter()
-    for chunk in input_pipeline._records_dataset(gen):
-        n += int(chunk[0].shape[0])
-        last = time.perf_counter()
-        if n >= total:
-            break
-    return min(n, total), last
+    ds = input_pipeline._records_dataset(gen)
+    return drain(ds, lambda chunk: int(chunk[0].shape[0]), limit=batch * batches)
 
 
-def ours_decoded(spec, stats=None) -> tuple[int, float]:
+def ours_decoded(spec) -> tuple[int, float]:
     ds = input_pipeline.train_dataset(spec, epoch=0)
     return drain(ds, lambda b: int(b[0].shape[0]))
 
 
-# Each row's variants by kind: native(spec, files), ours(spec, stats=); the
-# ReadStats only gathers the raw reads' buffer high-water mark.
+# Native's variant of each row by kind: native(spec, files).
 NATIVE = {
     "raw": lambda spec, files: native_raw(files),
     "parsed": native_parsed,
     "decoded": native_decoded,
 }
-OURS = {"raw": ours_raw, "parsed": ours_parsed, "decoded": ours_decoded}
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -423,7 +419,11 @@ def main() -> None:
                 cases[(size, kind, a2)] = functools.partial(
                     timed, NATIVE[kind], local, files
                 )
-                ours = functools.partial(OURS[kind], stats=stats)
+                ours = {  # The raw reads' buffer high-water mark goes to `stats`.
+                    "raw": functools.partial(ours_raw, stats=stats),
+                    "parsed": ours_parsed,
+                    "decoded": ours_decoded,
+                }[kind]
                 cases[(size, kind, b)] = functools.partial(timed, ours, local)
                 cases[(size, kind, c)] = functools.partial(timed, ours, remote)
         runs = run_rounds(cases, args.rounds, psutil.Process(server._process.pid))
