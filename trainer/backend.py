@@ -13,8 +13,6 @@ import importlib.util
 import os
 import sys
 
-BACKENDS = ("tensorflow", "jax")
-
 
 def installed(module: str) -> bool:
     """Whether `module` can be imported here (without importing it)."""
