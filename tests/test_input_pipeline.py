@@ -163,6 +163,50 @@ def test_decode_is_parallel_and_never_waits_on_python(digits_dir):
         assert calls.int64_val == [tf.data.AUTOTUNE], stages[decode]
 
 
+@pytest.mark.parametrize(("size", "grouped"), [(32, True), (96, True), (224, False)])
+def test_small_images_are_decoded_a_group_to_a_call(digits_dir, size, grouped):
+    """A tf.data call costs about what decoding a small image does: up to
+    GROUPED_DECODE_MAX_SIZE (128) the decode stage takes DECODE_GROUP records
+    a call; above it, one (there a group's copies cost more)."""
+    spec = make_spec(digits_dir, batch=64, image_size=size)
+    for ds in (
+        input_pipeline.train_dataset(spec, epoch=0),
+        input_pipeline.eval_dataset(spec),
+        input_pipeline.cache_source(spec, "train", 64),
+    ):
+        stages, consts = _stages(ds)
+        ops = [n.op for n in stages]
+        feeds = stages[ops.index("ParallelMapDatasetV2") + 1]
+        if not grouped:
+            assert feeds.op == "UnbatchDataset", ops
+            continue
+        assert feeds.op == "BatchDatasetV2", ops
+        group = consts[feeds.input[1].split(":")[0]].attr["value"].tensor
+        assert group.int64_val == [input_pipeline.DECODE_GROUP]
+
+
+@pytest.mark.parametrize(("size", "augment"), [(32, "flip_crop"), (96, "flip_crop")])
+def test_grouped_decode_gives_the_pixels_of_one_record_to_a_call(
+    digits_dir, monkeypatch, size, augment
+):
+    """The same batches either way, augmented (32 px: pad and crop; 96 px:
+    random resized crop of the upscaled digits) and not."""
+    spec = make_spec(digits_dir, batch=32, image_size=size, augment=augment)
+
+    def datasets():
+        yield input_pipeline.train_dataset(spec, epoch=1, start_step=3)
+        yield input_pipeline.eval_dataset(spec)
+        yield input_pipeline.cache_source(spec, "validation", 32)
+
+    grouped = [batches(ds) for ds in datasets()]
+    monkeypatch.setattr(input_pipeline, "GROUPED_DECODE_MAX_SIZE", 0)
+    for got, want in zip(grouped, [batches(ds) for ds in datasets()], strict=True):
+        assert len(got) == len(want) > 5
+        for a, b in zip(got, want, strict=True):
+            for x, y in zip(a, b, strict=True):
+                np.testing.assert_array_equal(x, y)
+
+
 _MALLOC_CHECK = """
 import ctypes, json, sys
 import tensorflow as tf
@@ -745,8 +789,24 @@ def test_every_start_record_on_uneven_shards(tmp_path, shuffle_buffer, workers):
 def test_undecodable_image_bytes(tmp_path):
     bad = _example(image=b"\xff\xd8\xff\xe0 truncated jpeg")
     data = _bad_dir(tmp_path, bad_record=bad)
-    with pytest.raises(DataError, match=r"image bytes could not be decoded"):
+    reason = r"image bytes could not be decoded \(jpeg::Uncompress failed\. Invalid"
+    with pytest.raises(DataError, match=reason):
         _consume(make_spec(data, batch=7))
+    # Taken inside a tf.function, as the train step takes its batches: TF's
+    # message starts "Graph execution error:", and the decoder's words are
+    # still the ones shown.
+    batches_of = iter(input_pipeline.train_dataset(make_spec(data, batch=7), epoch=0))
+
+    @tf.function
+    def three_steps():
+        for _ in tf.range(3):
+            next(batches_of)
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        three_steps()
+    assert caught.value.message.startswith("Graph execution error")
+    with pytest.raises(DataError, match=reason):
+        input_pipeline.reraise_data_error(caught.value)
     spec = make_spec(data, batch=7, on_corrupt="skip")
     tally = input_pipeline.CorruptTally()
     assert len(batches(input_pipeline.train_dataset(spec, epoch=0, tally=tally))) == 3

@@ -51,6 +51,13 @@ from trainer.records import (  # noqa: F401
 # (trainer.records) needs none; the tf.data stages here do.
 tf = backend.import_tensorflow_or_none()
 PREFETCH_CHUNKS = 2  # Chunks buffered in tf.data between the reader and decode.
+# Up to this image_size, records are decoded DECODE_GROUP to a tf.data call
+# (`_decode_stage`). Measured on 2 cores (benchmarks/decode_stage.py, medians
+# of 5 interleaved rounds), images/s grouped x one to a call: 1.46 at 32 px
+# (PNG), 1.42 at 64, 1.20 at 96, 1.08 at 128 (JPEG); above, within the noise
+# (1.03 at 160, 1.06 at 192) or below (0.95 at 224).
+GROUPED_DECODE_MAX_SIZE = 128
+DECODE_GROUP = 64
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters (malloc.h).
 
 
@@ -85,12 +92,27 @@ def data_error_from(e: BaseException) -> DataError | StorageError | None:
     if isinstance(e, tf.errors.InvalidArgumentError) and re.search(
         r"decode|image|Unknown image file format", message, re.I
     ):
-        first = message.strip().splitlines()[0] if message.strip() else message
-        first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)
         return DataError(
-            f"a record's image bytes could not be decoded ({first}); {tfrecord.REMEDY}"
+            f"a record's image bytes could not be decoded ({_decoder_words(message)}); "
+            f"{tfrecord.REMEDY}"
         )
     return None
+
+
+def _decoder_words(message: str) -> str:
+    """The decode op's own reason in a tf.data error message, without TF's
+    framing: e.g. "jpeg::Uncompress failed. Invalid JPEG data or crop window."
+    from a message that starts "Graph execution error:" when the batch was
+    taken inside the train step's tf.function."""
+    for line in message.splitlines():
+        line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line.strip())
+        line = re.sub(
+            r"^Error in user-defined function .*? with iterator: \S+: ", "", line
+        )
+        framing = ("Graph execution error", "Detected at node", "<stack", "[[")
+        if line and not line.startswith(framing):
+            return line
+    return message.strip()
 
 
 def reraise_data_error(e: BaseException) -> None:
@@ -248,18 +270,51 @@ def _records_dataset(gen) -> tf.data.Dataset:
 
 
 def _decoded(spec, records: tf.data.Dataset, epoch: int | None) -> tf.data.Dataset:
-    # The reader already parsed each tf.train.Example (to check it and
-    # name the record when it is bad), so image bytes and labels arrive here.
-    ds = records.unbatch().map(
-        _decode_fn(spec, epoch=epoch),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    if spec.data.on_corrupt == "skip":
-        # Bytes that pass the reader's checks yet fail to decode (e.g. a
-        # truncated JPEG) are dropped here, with a logged warning.
-        ds = ds.ignore_errors(log_warning=True)
-    return ds
+    """(image, label) elements of the reader's chunks (see `_decode_stage`)."""
+    return _decode_stage(spec, records, _decode_fn(spec, epoch=epoch), ids=False)
+
+
+def _decode_stage(spec, records: tf.data.Dataset, decode, *, ids: bool):
+    """(pixels, label[, record id]) elements: each record of the reader's
+    chunks through `decode(image, label, rid) -> (pixels, label)`, in
+    parallel, in order.
+
+    The reader already parsed each tf.train.Example (to check it and name the
+    record when it is bad), so image bytes and labels arrive here. Images up
+    to GROUPED_DECODE_MAX_SIZE are decoded DECODE_GROUP records to a tf.data
+    call (`tf.map_fn` inside it): a call costs about what a small image's
+    decode does, so one per record spent a quarter of the 32 px pipeline's
+    CPU on calls. Larger images are decoded one to a call, where a group's extra
+    copies (its stacked output) would cost more than the calls it saves
+    (benchmarks/decode_stage.py measures both). The pixels are the same.
+    """
+    size = spec.data.image_size
+    skip = spec.data.on_corrupt == "skip"
+    if skip or size > GROUPED_DECODE_MAX_SIZE:
+        # With "skip", one record to a call: bytes that pass the reader's
+        # checks yet fail to decode (Pillow accepts them, TF does not) are
+        # dropped alone, with a logged warning, not with their group.
+        ds = records.unbatch().map(
+            (lambda image, label, rid: (*decode(image, label, rid), rid))
+            if ids
+            else decode,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        return ds.ignore_errors(log_warning=True) if skip else ds
+    pixels = tf.TensorSpec([size, size, 3], tf.uint8)
+
+    def group(images, labels, rids):
+        decoded = tf.map_fn(
+            lambda record: decode(*record)[0],
+            (images, labels, rids),
+            fn_output_signature=pixels,
+        )
+        return (decoded, labels, rids) if ids else (decoded, labels)
+
+    ds = records.unbatch().batch(DECODE_GROUP)
+    ds = ds.map(group, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.unbatch()
 
 
 def train_dataset(
@@ -373,18 +428,9 @@ def cache_source(spec, split: str, batch: int) -> tf.data.Dataset:
     info = split_info(spec, split)
     share = _worker_share(info, np.arange(len(info["shards"])), 1, 0)
     gen = functools.partial(_eval_records, share, _reading(spec), _parallelism(spec))
-    decode = _decode_fn(spec, epoch=None)
-    ds = (
-        _records_dataset(gen)
-        .unbatch()
-        .map(
-            lambda image, label, rid: (*decode(image, label, rid), rid),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
+    ds = _decode_stage(
+        spec, _records_dataset(gen), _decode_fn(spec, epoch=None), ids=True
     )
-    if spec.data.on_corrupt == "skip":  # As `_decoded`: bytes TF cannot decode.
-        ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(batch).map(functools.partial(_pad_ids, batch=batch))
     return ds.prefetch(tf.data.AUTOTUNE)
 
