@@ -52,10 +52,11 @@ from trainer.records import (  # noqa: F401
 tf = backend.import_tensorflow_or_none()
 PREFETCH_CHUNKS = 2  # Chunks buffered in tf.data between the reader and decode.
 # Up to this image_size, records are decoded DECODE_GROUP to a tf.data call
-# (`_decode_stage`). Measured on 2 cores (benchmarks/decode_stage.py, medians
-# of 5 interleaved rounds), images/s grouped x one to a call: 1.46 at 32 px
-# (PNG), 1.42 at 64, 1.20 at 96, 1.08 at 128 (JPEG); above, within the noise
-# (1.03 at 160, 1.06 at 192) or below (0.95 at 224).
+# (`_decode_stage`). Measured on 2 cores (benchmarks/decode_stage.py, three
+# runs of 5 interleaved rounds, their medians), images/s grouped x one to a
+# call: 1.39-1.46 at 32 px (PNG), 1.38-1.42 at 64, 1.14-1.20 at 96, 1.08-1.12
+# at 128 (JPEG); above, small (1.03-1.07 at 160, 1.02-1.06 at 192) and then
+# below (0.95-0.98 at 224, JPEG and PNG).
 GROUPED_DECODE_MAX_SIZE = 128
 DECODE_GROUP = 64
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters (malloc.h).
