@@ -141,19 +141,23 @@ def _stages(ds: tf.data.Dataset) -> tuple[list, dict]:
     return chain, {n.name: n for n in graph.node if n.op == "Const"}
 
 
+def _decoding_stages(spec):
+    """`_stages` of each dataset that decodes: train, eval, feature cache source."""
+    for ds in (
+        input_pipeline.train_dataset(spec, epoch=0),
+        input_pipeline.eval_dataset(spec),
+        input_pipeline.cache_source(spec, "train", 64),
+    ):
+        yield _stages(ds)
+
+
 def test_decode_is_parallel_and_never_waits_on_python(digits_dir):
     """What keeps decoding on every core: between the Python reader (the
     generator, which must take the GIL for every chunk) and the parallel
     decode stands a prefetch buffer, so the decode's dispatching thread never
     calls into Python itself; and the decode runs AUTOTUNE calls at a time.
     Without that buffer, ours decoded 224 px JPEGs at one core's rate."""
-    spec = make_spec(digits_dir, batch=64)
-    for ds in (
-        input_pipeline.train_dataset(spec, epoch=0),
-        input_pipeline.eval_dataset(spec),
-        input_pipeline.cache_source(spec, "train", 64),
-    ):
-        stages, consts = _stages(ds)
+    for stages, consts in _decoding_stages(make_spec(digits_dir, batch=64)):
         ops = [n.op for n in stages]
         decode = ops.index("ParallelMapDatasetV2")
         source = ops.index("FlatMapDataset")  # from_generator's Python calls
@@ -169,12 +173,7 @@ def test_small_images_are_decoded_a_group_to_a_call(digits_dir, size, grouped):
     GROUPED_DECODE_MAX_SIZE (128) the decode stage takes DECODE_GROUP records
     a call; above it, one (there a group's copies cost more)."""
     spec = make_spec(digits_dir, batch=64, image_size=size)
-    for ds in (
-        input_pipeline.train_dataset(spec, epoch=0),
-        input_pipeline.eval_dataset(spec),
-        input_pipeline.cache_source(spec, "train", 64),
-    ):
-        stages, consts = _stages(ds)
+    for stages, consts in _decoding_stages(spec):
         ops = [n.op for n in stages]
         feeds = stages[ops.index("ParallelMapDatasetV2") + 1]
         if not grouped:
