@@ -285,9 +285,9 @@ def _decode_stage(spec, records: tf.data.Dataset, decode, *, ids: bool):
     to GROUPED_DECODE_MAX_SIZE are decoded DECODE_GROUP records to a tf.data
     call (`tf.map_fn` inside it): a call costs about what a small image's
     decode does, so one per record spent a quarter of the 32 px pipeline's
-    CPU on calls. Larger images are decoded one to a call, where a group's extra
-    copies (its stacked output) would cost more than the calls it saves
-    (benchmarks/decode_stage.py measures both). The pixels are the same.
+    CPU on calls. Larger images are decoded one to a call, where a group's
+    extra copies (its stacked output) would cost more than the calls it
+    saves (benchmarks/decode_stage.py measures both). The pixels are the same.
     """
     size = spec.data.image_size
     skip = spec.data.on_corrupt == "skip"
