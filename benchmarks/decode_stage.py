@@ -21,19 +21,17 @@ import io
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from trainer import config, input_pipeline  # noqa: E402
+from benchmarks import input_pipeline as pipeline  # noqa: E402
+from trainer import input_pipeline  # noqa: E402
 
-BATCH = 64
 CASES = ((32, "PNG"), (64, "JPEG"), (96, "JPEG"), (128, "JPEG"), (160, "JPEG"))
 CASES += ((192, "JPEG"), (224, "JPEG"), (224, "PNG"))
 WAYS = ("record", "group")
@@ -58,22 +56,6 @@ def encoded_images(size: int, fmt: str, unique: int = 300) -> list[bytes]:
     return out
 
 
-def spec_for(size: int) -> config.JobSpec:
-    return config.from_dict(
-        {
-            "name": "bench",
-            "data": {
-                "train": "unused-*",
-                "validation": "unused-*",
-                "image_size": size,
-                "num_classes": 10,
-            },
-            "train": {"global_batch_size": BATCH},
-            "phases": [{"name": "p", "epochs": 1, "learning_rate": 1.0}],
-        }
-    )
-
-
 def dataset(spec, chunks, way: str) -> tf.data.Dataset:
     """The product's source and decode stages over `chunks`, grouped or not."""
     saved = input_pipeline.GROUPED_DECODE_MAX_SIZE
@@ -83,18 +65,11 @@ def dataset(spec, chunks, way: str) -> tf.data.Dataset:
         ds = input_pipeline._decoded(spec, records, None)
     finally:
         input_pipeline.GROUPED_DECODE_MAX_SIZE = saved
-    return ds.batch(BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(pipeline.BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def timed(ds) -> dict:
-    me = psutil.Process()
-    t = me.cpu_times()
-    c0, t0, n = t.user + t.system, time.perf_counter(), 0
-    for images, _ in ds:
-        n += int(images.shape[0])
-        last = time.perf_counter()  # To the last item: see input_pipeline.py's drain.
-    t = me.cpu_times()
-    return {"n": n, "wall": last - t0, "cpu": t.user + t.system - c0}
+def _size(batch) -> int:
+    return int(batch[0].shape[0])
 
 
 def checksum(ds) -> int:
@@ -120,7 +95,7 @@ def main() -> None:
             )
             for c in range(0, n, 256)
         ]
-        prepared[(size, fmt)] = (spec_for(size), chunks)
+        prepared[(size, fmt)] = (pipeline.spec_for("unused", size), chunks)
     print(
         f"{os.cpu_count()} CPU cores; load average "
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
@@ -135,7 +110,8 @@ def main() -> None:
                 assert len(sums) == 1, (case, sums)
                 continue
             for way in WAYS:
-                runs[(case, way)].append(timed(dataset(spec, chunks, way)))
+                ds = dataset(spec, chunks, way)
+                runs[(case, way)].append(pipeline.timed(pipeline.drain, ds, _size))
         if r:
             print(f"round {r}/{args.rounds} done, load {os.getloadavg()[0]:.2f}")
     report(runs, prepared)
