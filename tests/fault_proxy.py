@@ -49,6 +49,7 @@ class FaultProxy(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
         self.forbid_writes = False
+        self.down = False  # Every request reset: the store is gone (see `go_down`).
         self.script_writes: list[str | None] = []
         self.url = f"http://127.0.0.1:{self.server_port}"
 
@@ -65,9 +66,18 @@ class FaultProxy(http.server.ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
+    def go_down(self) -> None:
+        """The store is gone: new connections are refused, and a request on a
+        connection the clients keep alive is reset."""
+        self.down = True
+        self.stop()
+
     def decide(self, method: str) -> str | None:
         with self.lock:
             self.counts["requests"] += 1
+            if self.down:
+                self.counts["down"] += 1
+                return "reset"
             if self.forbid_writes and method in _WRITES:
                 self.counts["403"] += 1
                 return "403"

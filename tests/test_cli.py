@@ -209,6 +209,50 @@ def test_workdir_required(capsys, monkeypatch):
     assert_one_error(result, r"--workdir is required")
 
 
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("gs:/bkt/r1", r"--workdir: 'gs:/bkt/r1' looks like a gs:// URL with a slash missing; write gs://bkt/r1"),
+        ("gs://", r"--workdir: 'gs://' names no bucket; write gs://BUCKET/PATH"),
+        ("gs:///r1", r"'gs:///r1' names no bucket"),
+        ("gs://Bad_Bucket!/r1", r"'Bad_Bucket!' cannot be a GCS bucket name"),
+        ("nosuch://b/r1", r"no file system is known for nosuch://"),
+    ],
+)  # fmt: skip
+def test_a_workdir_url_that_can_only_be_a_typo(
+    url, message, tmp_path, capsys, monkeypatch
+):
+    """`gs:/b/x` is a legal relative path: without this check the run would
+    train onto the local disk, which a spot VM loses with its checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    for command in ("train", "check"):
+        result = run(
+            capsys, command, f"--job={ROOT}/jobs/digits.toml", f"--workdir={url}"
+        )
+        assert_one_error(result, message)
+    assert list(tmp_path.iterdir()) == []  # No ./gs: folder.
+
+
+def test_a_data_url_that_can_only_be_a_typo_names_its_key(tmp_path, capsys):
+    result = run(
+        capsys, "check", "--job=jobs/digits.toml", f"--workdir={tmp_path}/w",
+        "--set=data.train=gs:/b/train-*", "--set=train.seed=-1",
+    )  # fmt: skip
+    assert_one_error(result, r"data.train: 'gs:/b/train-\*' looks like a gs:// URL")
+    assert "train.seed: received -1; expected 0 <= seed < 2**32" in result.stderr
+
+
+def test_a_bad_deadline_names_the_flag(tmp_path, capsys):
+    result = run(
+        capsys, "train", "--job=jobs/digits.toml", f"--workdir={tmp_path}/w",
+        "--deadline=abc",
+    )  # fmt: skip
+    assert_one_error(
+        result, r"--deadline: received 'abc'; expected a positive duration"
+    )
+    assert not (tmp_path / "w").exists()
+
+
 def test_layers_unknown_backbone(capsys):
     result = run(capsys, "layers", "--backbone=resnet5")
     assert_one_error(result, r"resnet5.*did you mean")

@@ -165,6 +165,41 @@ def test_a_store_that_refuses_writes_exits_2_naming_the_last_durable_step(
     )
 
 
+@pytest.mark.slow
+def test_a_store_lost_mid_run_says_where_the_run_stands(
+    proxy, gcs_bucket, digits_dir, tmp_path, monkeypatch
+):
+    """The store goes away (the proxy stops: connections refused) after a
+    checkpoint. Once the clients' retries give up, the exit stays 1 (a spot
+    VM's script retries that, and gives up on 2), and below the traceback
+    come the last durable step and what to do."""
+    bucket = Bucket(gcs_bucket)
+    url, prefix = workdir_in(gcs_bucket, "w")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    run = Run(train_args(digits_dir, url), str(tmp_path))
+    wait_for(lambda: (bucket.latest(prefix) or 0) >= 2, run)
+    proxy.go_down()
+    assert run.wait() == 1, run.describe()
+    durable = bucket.latest(prefix)
+    tail = run.stderr.rstrip().splitlines()[-2:]
+    assert tail[0] == (
+        f"{url}: The last durable checkpoint is step {durable} "
+        f"({url}/checkpoints/ckpt-{durable:09d}): once fixed, run the same "
+        "command again to resume from it"
+    ), run.stderr[-3000:]
+    assert tail[1].startswith("error: the store could not be reached ("), tail
+    assert tail[1].endswith("run the same command again (nothing committed is lost)")
+
+
+def test_a_workdir_in_a_missing_bucket_is_named(gcs_bucket):
+    missing = "gs://no-such-bucket-3f9a/run/job.json"
+    with pytest.raises(storage.NotFound, match=(
+        r"cannot write gs://no-such-bucket-3f9a/run/job.json: the bucket "
+        r"gs://no-such-bucket-3f9a does not exist.*gcloud storage buckets create"
+    )):  # fmt: skip
+        storage.write_json(missing, {})
+
+
 # ---------------------------------------------------------------------------
 # The GCE preemption notice, end to end
 

@@ -306,6 +306,8 @@ def test_export_an_older_step_to_gcs_then_evaluate_and_predict(
     url, name, prob = line.split("\t")
     assert url == str(image) and name in [str(i) for i in range(10)]
     assert 0.0 < float(prob) <= 1.0
+    folder = run(capsys, "predict", f"--workdir={remote}", str(tmp_path))
+    assert_bad_input(folder, rf"{tmp_path} is a folder; give the image files in it")
 
     # In process: the exit-2 path needs no TensorFlow start of its own.
     missing = run(capsys, "export", f"--workdir={remote}", "--step=7")
@@ -524,6 +526,37 @@ def test_a_changed_global_batch_is_refused_on_resume(digits, tmp_path, capsys):
         proc, r"train.global_batch_size = 8 \(it was 16\).*keep 16.*new --workdir"
     )
     assert sorted(p.name for p in workdir.iterdir()) == ["job.json"]
+
+
+def test_a_run_refused_for_its_data_leaves_no_trace(digits, tmp_path, capsys):
+    """The data is resolved before job.json and the claim are written: the
+    fixed spec starts afresh, even with another model."""
+    workdir = tmp_path / "run"
+    bad = f"--set=data.train={tmp_path}/nothing-*.tfrecord"
+    proc = run(capsys, "train", *job_args(digits, str(workdir), bad))
+    assert_bad_input(proc, r"no TFRecord shards match .*nothing-\*\.tfrecord")
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("where", ["file", "below_a_file"])
+def test_a_workdir_blocked_by_a_file_is_exit_2(where, digits, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    workdir = blocker if where == "file" else blocker / "run"
+    proc = run(capsys, "train", *job_args(digits, str(workdir)))
+    assert_bad_input(
+        proc,
+        r"cannot write .*afile.*job\.json: a file stands where a folder must be.*"
+        r"choose another --workdir",
+    )
+    assert blocker.read_text() == "x"
+
+
+def test_a_damaged_summary_does_not_stop_a_resume(tmp_path):
+    from trainer import reports
+
+    (tmp_path / "summary.json").write_text("{bad")
+    assert reports.completed_summary(str(tmp_path)) is None
 
 
 @pytest.mark.slow

@@ -455,6 +455,12 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
     for path, url in (("data.train", d.train), ("data.validation", d.validation)):
         if not url.strip():
             problems.append(f"{path}: empty; expected a URL glob of TFRecord shards")
+        else:
+            _check_url(path, url, problems)
+    if m.weights not in ("imagenet", "none"):
+        _check_url("model.weights", m.weights, problems)
+    if m.weights_mirror:
+        _check_url("model.weights_mirror", m.weights_mirror, problems)
     for i, units in enumerate(m.dense):
         positive(f"model.dense[{i}]", units)
     if not 0.0 <= m.dropout < 1.0:
@@ -470,6 +476,8 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
             f'model.weights: received {m.weights!r}; expected "imagenet", "none" '
             "or the URL of a .h5 / .weights.h5 file"
         )
+    if not 0 <= t.seed < 2**32:  # What Keras' set_random_seed takes.
+        problems.append(f"train.seed: received {t.seed!r}; expected 0 <= seed < 2**32")
     positive("train.global_batch_size", t.global_batch_size)
     non_negative("train.eval_batch_size", t.eval_batch_size)
     positive("train.checkpoint_every_steps", t.checkpoint_every_steps)
@@ -481,6 +489,15 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
         "runtime.collective_timeout_seconds", spec.runtime.collective_timeout_seconds
     )
     _validate_phases(spec, problems)
+
+
+def _check_url(path: str, url: str, problems: list[str]) -> None:
+    from trainer import storage  # fsspec: imported once a spec has URLs to check.
+
+    try:
+        storage.check_url(url)
+    except errors.BadURL as e:
+        problems.append(f"{path}: {e}")
 
 
 def _validate_phases(spec: JobSpec, problems: list[str]) -> None:

@@ -45,6 +45,10 @@ class StorageError(TrainerError, OSError):
     """A URL that cannot be read or written: names it, the cause and the remedy."""
 
 
+class BadURL(StorageError, ValueError):
+    """A URL that names no place: a scheme with one slash, no or a bad bucket."""
+
+
 class NotFound(StorageError, FileNotFoundError):
     """A file or URL the job needs does not exist."""
 

@@ -234,6 +234,8 @@ def _pixels(data: bytes, size: int, url: str) -> np.ndarray:
 def _read_image(url: str) -> bytes:
     if not storage.exists(url):
         raise NotFound(f"image not found: {url}")
+    if storage.isdir(url):
+        raise NotFound(f"{url} is a folder; give the image files in it")
     return storage.read_bytes(url)
 
 

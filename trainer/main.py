@@ -10,7 +10,9 @@ clean, and a flag of another command is refused by name.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
 import sys
 import textwrap
 import threading
@@ -176,6 +178,12 @@ def _require(flag_values: flags.FlagValues, name: str) -> str:
 def _workdir(flag_values: flags.FlagValues) -> str:
     """--workdir, or on Vertex AI the parent of AIP_CHECKPOINT_DIR / AIP_MODEL_DIR."""
     if flag_values.workdir:
+        from trainer import errors, storage
+
+        try:
+            storage.check_url(flag_values.workdir)
+        except errors.BadURL as e:
+            raise UsageError(f"--workdir: {e}") from None
         return flag_values.workdir
     for var in ("AIP_CHECKPOINT_DIR", "AIP_MODEL_DIR"):
         if os.environ.get(var):
@@ -199,14 +207,36 @@ def _spec(flag_values: flags.FlagValues):
 
 def _train(flag_values: flags.FlagValues, args: list[str]) -> None:
     spec, workdir = _spec(flag_values), _workdir(flag_values)
-    from trainer import backend
-
-    backend.select(spec.runtime.backend)  # Before Keras is imported: it reads it once.
-    from trainer import preemption, train
+    from trainer import backend, preemption
 
     deadline = flag_values.deadline
-    deadline = preemption.parse_duration(deadline) if deadline else None
-    train.run(spec, workdir, deadline_seconds=deadline)
+    deadline = preemption.parse_duration(deadline, "--deadline") if deadline else None
+    with _sigterm_is_preemption(preemption):
+        backend.select(spec.runtime.backend)  # Before Keras is imported.
+        from trainer import train
+
+        train.run(spec, workdir, deadline_seconds=deadline)
+
+
+@contextlib.contextmanager
+def _sigterm_is_preemption(preemption):
+    """SIGTERM before the loop watches for it (imports, runtime setup, model,
+    restore: a minute for a large backbone restored from GCS) stops the run as
+    a preemption, exit 75, not as a killed process (143), which a spot VM's
+    startup script would count as a failure. The loop's watcher takes over,
+    and puts this back when it stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Signals reach the main thread only.
+        return
+
+    def stop(signum, frame):
+        raise preemption.Preempted("SIGTERM before training began", durable=False)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check(flag_values: flags.FlagValues, args: list[str]) -> None:
@@ -351,6 +381,7 @@ def run(argv: list[str]) -> int:
     except Exception as e:
         preemption = sys.modules.get("trainer.preemption")
         if preemption is None or not isinstance(e, preemption.Preempted):
+            _note_unreachable(e)
             raise
         after = " after a durable checkpoint" if e.durable else ""
         print(
@@ -360,6 +391,19 @@ def run(argv: list[str]) -> int:
         code = EXIT_PREEMPTED
     sys.stdout.flush()
     return code
+
+
+def _note_unreachable(e: Exception) -> None:
+    """Below the traceback of a store that could not be reached: what it was
+    and what to do (the last line a user reads)."""
+    storage = sys.modules.get("trainer.storage")
+    cause = storage.unreachable(e) if storage else None
+    if cause:
+        e.add_note(
+            f"error: the store could not be reached ({cause}); check the network, "
+            "the URL's host and the credentials, then run the same command again "
+            "(nothing committed is lost)"
+        )
 
 
 def _absl_defaults(argv: list[str]) -> list[str]:

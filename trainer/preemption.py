@@ -44,7 +44,7 @@ class Preempted(Exception):
         self.durable = durable
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, name: str = "duration") -> float:
     """Seconds in a duration such as "11h30m", "45m", "90s", "1h", "1h5m30s".
 
     Raises:
@@ -57,7 +57,7 @@ def parse_duration(text: str) -> float:
         total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
         raise UsageError(
-            f"duration: received {text!r}; expected a positive duration in hours, "
+            f"{name}: received {text!r}; expected a positive duration in hours, "
             "minutes and/or seconds with units, largest first, e.g. "
             '"11h30m", "45m", "90s", "1h", "1h5m30s"'
         )

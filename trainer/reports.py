@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -24,7 +25,11 @@ def completed_summary(root: str) -> dict | None:
     url = workdir.summary(root)
     if not storage.exists(url):
         return None
-    summary = storage.read_json(url)
+    try:
+        summary = storage.read_json(url)
+    except ValueError:  # Damaged: the checkpoints, not this file, say where a run is.
+        logging.warning("%s is not valid JSON; resuming from the checkpoints", url)
+        return None
     return summary if summary.get("status") == "completed" else None
 
 

@@ -8,17 +8,25 @@ here: plain local paths, `file://`, `gs://`, `s3://`, `memory://`, ...
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import threading
 import urllib.parse
 from typing import Any, Callable, Iterator, TypeVar
 
-from trainer.errors import NotFound, PermissionDenied, TrainerError
+from trainer.errors import (
+    BadURL,
+    NotFound,
+    PermissionDenied,
+    StorageError,
+    TrainerError,
+)
 
 if os.environ.get("STORAGE_EMULATOR_HOST"):
     # gcsfs reads these at import. Its experimental zonal/HNS probe goes over
@@ -42,6 +50,51 @@ def _is_forbidden(e: BaseException) -> bool:
     return type(e).__module__.startswith("google.") and code in (401, 403)
 
 
+# `gs:/b/x` is a legal relative path, so a slash missing from a workdir URL
+# would quietly put the run on the local disk, which a spot VM loses.
+_ONE_SLASH = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(/(?!/)|/?$)")
+_BUCKET_SCHEMES = ("gs", "gcs", "s3", "s3a")
+# The characters of a GCS bucket name (GCS also wants 3 to 222 of them).
+_GCS_BUCKET = re.compile(r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?")
+
+
+def check_url(url: str) -> None:
+    """Raises BadURL for a URL that can only be a typo.
+
+    A scheme followed by one slash (`gs:/bucket/run`, a local path fsspec would
+    take), a bucket scheme with no bucket (`gs://`, `gs:///run`), or a name
+    GCS cannot hold as a bucket (`gs://My_Bucket/`). A single-letter scheme is
+    a Windows drive (`C:/data`) and passes.
+    """
+    one_slash = _ONE_SLASH.match(url)
+    if one_slash:
+        scheme = one_slash.group(1)
+        rest = url[one_slash.end() :].lstrip("/")
+        raise BadURL(
+            f"{url!r} looks like a {scheme}:// URL with a slash missing; write "
+            f"{scheme}://{rest or 'BUCKET/PATH'} (a local folder named "
+            f"{scheme}: would be ./{url})"
+        )
+    proto = protocol(url)
+    known = proto in fsspec.available_protocols() or proto in fsspec.registry
+    if "://" in url and not known:
+        raise BadURL(
+            f"{url!r}: no file system is known for {proto}://; check the URL "
+            "(gs://, s3://, a local path, ...)"
+        )
+    if proto not in _BUCKET_SCHEMES:
+        return
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise BadURL(f"{url!r} names no bucket; write {proto}://BUCKET/PATH")
+    if proto in ("gs", "gcs") and not _GCS_BUCKET.fullmatch(bucket):
+        raise BadURL(
+            f"{url!r}: {bucket!r} cannot be a GCS bucket name (lowercase letters, "
+            "digits, '-', '_' and '.', starting and ending with a letter or "
+            "digit); check the URL"
+        )
+
+
 def _explained(action: str) -> Callable[[_F], _F]:
     """Turns a store's refusal or a missing file at `url` into our errors.
 
@@ -54,13 +107,19 @@ def _explained(action: str) -> Callable[[_F], _F]:
     def wrap(fn: _F) -> _F:
         @functools.wraps(fn)
         def inner(url: str, *args, **kwargs):
+            check_url(url)
             try:
                 return fn(url, *args, **kwargs)
             except TrainerError:
                 raise
             except FileNotFoundError as e:
+                if action == "write" and protocol(url) in _BUCKET_SCHEMES:
+                    raise NotFound(_no_bucket(url)) from e
                 raise NotFound(f"{url} does not exist") from e
             except Exception as e:
+                local = _local_failure(url, action, e)
+                if local:
+                    raise StorageError(local) from e
                 if not _is_forbidden(e):
                     raise
                 raise PermissionDenied(_refusal(url, action, e)) from e
@@ -68,6 +127,63 @@ def _explained(action: str) -> Callable[[_F], _F]:
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def _local_failure(url: str, action: str, e: BaseException) -> str | None:
+    """What a disk's refusal to `action` `url` means, and the remedy; None when
+    `e` is no such refusal."""
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left to {action} {url} ({e.strerror}); free space on "
+            "that disk, or choose another --workdir"
+        )
+    if code == errno.EROFS:
+        return f"cannot {action} {url}: its file system is read-only; choose another --workdir"
+    if code in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR) and action == "write":
+        return (
+            f"cannot write {url}: a file stands where a folder must be, or a folder "
+            f"where a file must be ({e.strerror}: {getattr(e, 'filename', '')}); "
+            "choose another --workdir or move that file away"
+        )
+    return None
+
+
+def unreachable(e: BaseException) -> str | None:
+    """The connection failure behind `e` (its cause chain included), when the
+    store could not be reached even after the client libraries' retries."""
+    import socket
+    import sys
+
+    kinds: list[type] = [ConnectionError, socket.gaierror, TimeoutError]
+    for module, name in (
+        ("aiohttp", "ClientConnectionError"),  # gcsfs
+        ("requests.exceptions", "ConnectionError"),  # google-cloud-storage
+        ("google.auth.exceptions", "TransportError"),
+        ("google.api_core.exceptions", "RetryError"),
+        ("google.api_core.exceptions", "ServiceUnavailable"),
+    ):
+        kind = getattr(sys.modules.get(module), name, None)
+        if isinstance(kind, type):
+            kinds.append(kind)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, tuple(kinds)):
+            return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _no_bucket(url: str) -> str:
+    """A write to an object store that found no folder: its bucket is missing."""
+    proto, rest = url.split("://", 1)
+    bucket = f"{proto}://{rest.split('/', 1)[0]}"
+    create = f" (gcloud storage buckets create {bucket})" if proto != "s3" else ""
+    return (
+        f"cannot write {url}: the bucket {bucket} does not exist, or the "
+        f"account this runs as cannot see it; create it{create} or check the URL"
+    )
 
 
 def _refusal(url: str, action: str, e: BaseException) -> str:
@@ -129,11 +245,15 @@ def dirname(url: str) -> str:
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `url` and the path within it."""
+    check_url(url)
     proto = protocol(url)
     options: dict[str, Any] = {}
     if proto in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
         options["token"] = "anon"  # The emulator takes no credentials.
-    fs, path = fsspec.core.url_to_fs(url, **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ImportError as e:  # fsspec names the package to install (s3fs, ...).
+        raise BadURL(f"cannot open {url}: {e}") from None
     return fs, path
 
 
@@ -315,8 +435,7 @@ def _put(url: str, local: str) -> None:
         if os.path.isdir(local):
             shutil.copytree(local, dst, dirs_exist_ok=True)
         else:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copyfile(local, dst)
+            _copy_replacing(local, dst)
         return
     fs, path = filesystem(url)
     if os.path.isdir(local):
@@ -327,6 +446,22 @@ def _put(url: str, local: str) -> None:
                 fs.put_file(src, join(path, rel))
     else:
         fs.put_file(local, path)
+
+
+def _copy_replacing(local: str, dst: str) -> None:
+    """Copies to a temporary sibling, then renames it over `dst`: a copy cut
+    short (a full disk) leaves the old file or none, never half of one."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=".tmp-")
+    os.close(fd)
+    try:
+        shutil.copyfile(local, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @_explained("read")

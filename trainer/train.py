@@ -120,6 +120,7 @@ def run(
       preemption.Preempted: stopped by a signal or deadline after a durable
         checkpoint; running again resumes.
     """
+    storage.check_url(workdir)  # `gs:/b/run` would train onto the local disk.
     # Before anything imports Keras' backend-specific parts; a notebook whose
     # Keras runs on another backend stops here (exit 2), before any work.
     backend_name = backend.select(spec.runtime.backend)
@@ -154,8 +155,7 @@ def run(
             return summary
         except BaseException as e:
             ckpt.close(raise_errors=False)  # The error in flight says more.
-            if isinstance(e, (StorageError, TrainingError)):
-                raise type(e)(f"{e}. {_durable_note(ckpt)}") from e
+            _say_where_it_stands(e, workdir, ckpt)
             raise
 
 
@@ -187,6 +187,7 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
     """
     check_batch(spec, rt)
     check_backend(spec, rt)
+    check_data(spec)
     _record_spec(spec, root, rt.is_chief)
     ckpt.claim()
     if spec.train.deterministic:
@@ -232,6 +233,14 @@ def _resume_and_train(spec, root, rt, ckpt, *, deadline_seconds, metadata_url):
         logs.close()
 
 
+def check_data(spec) -> None:
+    """Both splits resolve: shards match each glob, the training split holds a
+    batch. Checked before job.json and the claim are written, so a run refused
+    for its data leaves the workdir as it found it (a fixed spec may differ)."""
+    input_pipeline.steps_per_epoch(spec)
+    input_pipeline.split_info(spec, "validation")
+
+
 def check_backend(spec, rt: runtime.Runtime) -> None:
     """What the spec asks of the backend, before the model is built: the
     feature cache feeds tf.distribute, and the JAX backend trains on images."""
@@ -263,6 +272,17 @@ def make_engine(rt: runtime.Runtime):
     from trainer import steps
 
     return steps.Engine(rt)
+
+
+def _say_where_it_stands(e: BaseException, root: str, ckpt) -> None:
+    """Adds the step a rerun resumes from to a failure a user can act on: our
+    own kinds are raised again reworded; a store that could not be reached
+    keeps its exit 1 (no contract code fits an outage: a spot VM's script
+    retries 1 and gives up on 2) and gets it as a note below its traceback."""
+    if isinstance(e, (StorageError, TrainingError)):
+        raise type(e)(f"{e}. {_durable_note(ckpt)}") from e
+    if isinstance(e, Exception) and storage.unreachable(e):
+        e.add_note(f"{root}: {_durable_note(ckpt)}")
 
 
 def _durable_note(ckpt) -> str:
