@@ -511,12 +511,8 @@ def test_xla_recorded_on_one_replica_is_dropped_on_two(capsys):
 
 def test_a_changed_global_batch_is_refused_on_resume(digits, tmp_path, capsys):
     """The position is counted in batches: another batch is exit 2, nothing moved."""
-    from trainer import config, storage
-
     workdir = tmp_path / "run"
-    overrides = [a.removeprefix("--set=") for a in job_args(digits, "x")[2:]]
-    first = config.load(str(ROOT / "jobs" / "digits.toml"), overrides)
-    storage.write_json(str(workdir / "job.json"), first.to_dict())  # The first run's.
+    _first_run(digits, workdir)
     proc = run(
         capsys,
         "train",
@@ -526,6 +522,48 @@ def test_a_changed_global_batch_is_refused_on_resume(digits, tmp_path, capsys):
         proc, r"train.global_batch_size = 8 \(it was 16\).*keep 16.*new --workdir"
     )
     assert sorted(p.name for p in workdir.iterdir()) == ["job.json"]
+
+
+def _first_run(digits, workdir, status=None) -> None:
+    """The workdir as a first run left it: its job.json (and summary.json)."""
+    from trainer import config, input_pipeline, storage
+
+    overrides = [a.removeprefix("--set=") for a in job_args(digits, "x")[2:]]
+    first = config.load(str(ROOT / "jobs" / "digits.toml"), overrides)
+    first = input_pipeline.with_class_names(first)
+    storage.write_json(str(workdir / "job.json"), first.to_dict())
+    if status:
+        summary = {"status": status, "global_step": 14, "metrics": {"loss": 0.5}}
+        storage.write_json(str(workdir / "summary.json"), summary)
+
+
+def test_check_refuses_what_train_would_refuse(digits, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    _first_run(digits, workdir)
+    proc = run(
+        capsys, "check", *job_args(digits, str(workdir), "--set=model.dense=[64]")
+    )
+    assert_bad_input(
+        proc, r"cannot resume .*run with a different model shape \(model.dense: was"
+    )
+    assert sorted(p.name for p in workdir.iterdir()) == ["job.json"]
+
+
+def test_a_completed_run_says_a_changed_spec_was_not_trained(digits, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    _first_run(digits, workdir, status="completed")
+    more = "--set=phases.finetune.epochs=20"
+    proc = run(capsys, "train", *job_args(digits, str(workdir), more))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already completed at step 14" in proc.stdout
+    assert (
+        "note: this spec differs from the completed run's (phases.finetune.epochs) "
+        "and was not trained: use a new --workdir to train it"
+    ) in proc.stdout
+    same = run(capsys, "train", *job_args(digits, str(workdir)))
+    assert "already completed" in same.stdout and "note:" not in same.stdout
+    checked = run(capsys, "check", *job_args(digits, str(workdir), more))
+    assert "`trainer train` would only print its summary" in checked.stdout
 
 
 def test_a_run_refused_for_its_data_leaves_no_trace(digits, tmp_path, capsys):

@@ -36,6 +36,8 @@ def check(
       The plan as a dict (also printed as a table).
     """
     backend_name = backend.select(spec.runtime.backend)
+    spec = input_pipeline.with_class_names(spec)  # What train records and compares.
+    _check_workdir_state(spec, workdir)
     with train.setup_runtime(spec, backend_name) as rt:
         train.check_batch(spec, rt)
         train.check_backend(spec, rt)
@@ -54,6 +56,22 @@ def check(
             plan["phases"].append(row)
     _print_plan(plan)
     return plan
+
+
+def _check_workdir_state(spec, workdir: str) -> None:
+    """What `train` would say of the workdir: a completed run (it would only
+    print its summary), a spec it would refuse to resume, the changes it
+    would note. Reads only."""
+    from trainer import reports
+
+    done = reports.completed_summary(workdir)
+    if done is not None:
+        print(
+            f"note: {workdir} already completed at step {done['global_step']}: "
+            "`trainer train` would only print its summary; use a new --workdir "
+            "to train this spec"
+        )
+    train.check_recorded_spec(spec, workdir)
 
 
 def _plan(spec, workdir: str, rt) -> dict[str, Any]:

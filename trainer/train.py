@@ -133,6 +133,7 @@ def run(
             f"{workdir} already completed at step {done['global_step']}: "
             f"{json.dumps(done['metrics'])}"
         )
+        _note_spec_ignored(spec, workdir)
         return done
     with setup_runtime(spec, backend_name) as rt:
         ckpt = checkpoint.CheckpointManager(
@@ -804,11 +805,33 @@ def _state_from(saved: dict[str, Any], spec) -> TrainState:
 
 def _record_spec(spec, root, is_chief) -> None:
     """Writes job.json on the first run; refuses shape-changing edits later."""
+    if not check_recorded_spec(spec, root) and is_chief:
+        storage.write_json(workdir.job(root), spec.to_dict())
+
+
+def _note_spec_ignored(spec, root) -> None:
+    """A completed run trains no more: say so when this spec asks for more."""
     url = workdir.job(root)
     if not storage.exists(url):
-        if is_chief:
-            storage.write_json(url, spec.to_dict())
         return
+    changed = _diff(storage.read_json(url), spec.to_dict())
+    if changed:
+        print(
+            f"note: this spec differs from the completed run's ({', '.join(changed)}) "
+            "and was not trained: use a new --workdir to train it"
+        )
+
+
+def check_recorded_spec(spec, root) -> bool:
+    """Compares `spec` with the first run's job.json: refuses shape-changing
+    edits, notes the others; False when `root` holds no job.json yet.
+
+    Raises:
+      SpecChangedError: naming the keys, their values, and the remedy.
+    """
+    url = workdir.job(root)
+    if not storage.exists(url):
+        return False
     first = config.from_dict(storage.read_json(url))
     old, new = first.shape_fingerprint(), spec.shape_fingerprint()
     changed = [k for k in new if old.get(k) != new.get(k)]
@@ -832,6 +855,7 @@ def _record_spec(spec, root, is_chief) -> None:
     for key, (a, b) in _diff(first.to_dict(), spec.to_dict()).items():
         log.warning("spec change on resume: %s: %r -> %r", key, a, b)
         print(f"note: spec changed since the first run: {key}: {a!r} -> {b!r}")
+    return True
 
 
 def _diff(a, b, prefix="") -> dict[str, tuple[Any, Any]]:
