@@ -97,6 +97,29 @@ def test_train_end_to_end_then_rerun_is_a_noop(digits, trained, capsys):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("trained")
+def test_a_damaged_checkpoint_is_named_by_export(trained, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    folder = (
+        copy / "checkpoints" / (copy / "checkpoints" / "LATEST").read_text().strip()
+    )
+    shard = folder / "arrays-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    step = int(folder.name.split("-")[1])
+    proc = run(capsys, "export", f"--workdir={copy}", f"--step={step}")
+    assert_bad_input(
+        proc,
+        rf"checkpoint {folder} cannot be exported: arrays-00000.bin fails its "
+        rf"CRC32C check.*`trainer export --workdir={copy} --step=N` \(folders: ",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trained")
 def test_exported_model_loads_in_safe_mode(digits, trained, tmp_path, capsys):
     workdir, _ = trained
     import keras

@@ -75,7 +75,8 @@ def choose_step(
             raise CheckpointError(
                 f"--step={step}: {directory} holds no committed checkpoint at step "
                 f"{step}; available steps: {', '.join(map(str, committed))} "
-                f"(best {best}, last {latest}); pass one of them, or leave --step "
+                f"(best {best if best is not None else 'unknown'}, last {latest}); "
+                "pass one of them, or leave --step "
                 f'out for train.export = "{spec.train.export}"'
             )
         label = "best" if step == best else "last" if step == latest else "step"
@@ -129,7 +130,15 @@ def export_step(
     folder = storage.join(
         workdir.checkpoints(root), checkpoint_catalog.checkpoint_name(step)
     )
-    arrays, _ = checkpoint_format.read(folder)
+    try:
+        arrays, _ = checkpoint_format.read(folder)
+    except CheckpointError as e:
+        others = checkpoint_catalog.folder_steps(workdir.checkpoints(root))
+        raise CheckpointError(
+            f"checkpoint {folder} cannot be exported: {e}; export another with "
+            f"`trainer export --workdir={root} --step=N` (folders: "
+            f"{', '.join(map(str, others)) or 'none'})"
+        ) from None
     model = _float32_model(spec)
     models.assign_variables(
         model, None, {k: v for k, v in arrays.items() if k.startswith("model/")}
