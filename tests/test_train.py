@@ -116,6 +116,14 @@ def test_a_damaged_checkpoint_is_named_by_export(trained, tmp_path, capsys):
         rf"checkpoint {folder} cannot be exported: arrays-00000.bin fails its "
         rf"CRC32C check.*`trainer export --workdir={copy} --step=N` \(folders: ",
     )
+    # A model.keras cut short (a full disk, before writes went through a
+    # renamed temporary) is named, with the command that writes it again.
+    model = copy / "export" / "model.keras"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 4])
+    ev = run(capsys, "evaluate", f"--workdir={copy}")
+    assert_bad_input(
+        ev, rf"{model} cannot be loaded \(.*\); write it again from a checkpoint"
+    )
 
 
 @pytest.mark.slow

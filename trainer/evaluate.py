@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import zipfile
 from typing import Any
 
 from trainer import backend
@@ -27,7 +28,7 @@ from trainer import (  # noqa: E402,F401  (models registers the preprocessing la
     storage,
     workdir,
 )
-from trainer.errors import DataError, NotFound  # noqa: E402
+from trainer.errors import CheckpointError, DataError, NotFound  # noqa: E402
 
 
 def load_run(root: str) -> tuple[config.JobSpec, keras.Model]:
@@ -47,7 +48,14 @@ def load_run(root: str) -> tuple[config.JobSpec, keras.Model]:
     with tempfile.TemporaryDirectory(prefix="trainer-model-") as tmp:
         path = os.path.join(tmp, "model.keras")
         storage.get(model_url, path)
-        model = keras.saving.load_model(path)
+        try:
+            model = keras.saving.load_model(path)
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            # A cut-short file reads to Keras as "File not found" (of our copy).
+            raise CheckpointError(
+                f"{model_url} cannot be loaded ({' '.join(str(e).split())[:200]}); "
+                f"write it again from a checkpoint: `trainer export --workdir={root}`"
+            ) from None
     return spec, model
 
 
