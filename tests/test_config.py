@@ -147,6 +147,14 @@ strategy = "mirorred"
             r"name 'transfer' used twice",
         ),
         (MINIMAL + 'colour = "red"\n', r"colour: unknown key"),
+        (
+            MINIMAL.replace("learning_rate = 1e-3", "learning_rate = nan"),
+            r"phases.transfer.learning_rate: received nan; expected a positive number",
+        ),
+        (
+            MINIMAL + "[train]\npreemption_budget_seconds = inf\n",
+            r"train.preemption_budget_seconds: received inf; expected a positive",
+        ),
         ("name = ", r"not valid TOML"),
     ],
 )

@@ -112,3 +112,21 @@ def test_bad_images_dir_messages(tmp_path):
         convert.convert_images(str(tmp_path / "empty"), str(tmp_path / "o"))
     with pytest.raises(ValueError, match=r"validation_fraction=1.5"):
         convert.convert_sample_digits(str(tmp_path / "o"), validation_fraction=1.5)
+
+
+def test_converting_into_a_folder_with_shards_is_refused(tmp_path, capsys):
+    """Two sets of shards in one folder would both match `train-*.tfrecord`:
+    the second conversion is refused, and the first left as it was."""
+    from tests.test_cli import assert_one_error, run
+
+    out = tmp_path / "data"
+    first = run(capsys, "convert", "--sample=digits", f"--out={out}", "--shards=3")
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run(capsys, "convert", "--sample=digits", f"--out={out}", "--shards=2")
+    assert_one_error(
+        again,
+        rf"--out={out} already holds 7 file\(s\) of a dataset \(manifest.json, "
+        r"train-00000-of-00003.tfrecord, .*\); .*Choose an empty folder, or delete",
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -435,11 +436,11 @@ def _validate(spec: JobSpec, problems: list[str]) -> None:
     d, m, t = spec.data, spec.model, spec.train
 
     def positive(path: str, value: int | float) -> None:
-        if value <= 0:
+        if not (math.isfinite(value) and value > 0):  # nan > 0 is False too.
             problems.append(f"{path}: received {value!r}; expected a positive number")
 
     def non_negative(path: str, value: int | float) -> None:
-        if value < 0:
+        if not (math.isfinite(value) and value >= 0):
             problems.append(f"{path}: received {value!r}; expected >= 0")
 
     positive("data.image_size", d.image_size)
@@ -513,7 +514,7 @@ def _validate_phases(spec: JobSpec, problems: list[str]) -> None:
             problems.append(
                 f"phases.{p.name}.epochs: received {p.epochs!r}; expected >= 0"
             )
-        if p.learning_rate <= 0:
+        if not (math.isfinite(p.learning_rate) and p.learning_rate > 0):
             problems.append(
                 f"phases.{p.name}.learning_rate: received {p.learning_rate!r}; "
                 "expected a positive number"

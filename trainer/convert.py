@@ -309,6 +309,7 @@ def _write_dataset(
     shard_bytes: int,
     source: str,
 ) -> dict[str, Any]:
+    _refuse_old_shards(out, list(splits))
     storage.makedirs(out)
     heights: list[int] = []
     widths: list[int] = []
@@ -336,6 +337,29 @@ def _write_dataset(
     }
     storage.write_json(storage.join(out, tfrecord.MANIFEST), manifest)
     return manifest
+
+
+def _refuse_old_shards(out: str, splits: list[str]) -> None:
+    """New shards beside old ones would be read with them: a job's
+    `train-*.tfrecord` matches both sets, and the data is silently doubled."""
+    if not storage.exists(out):
+        return
+    old = sorted(
+        name
+        for name in storage.listdir(out)
+        if name == tfrecord.MANIFEST
+        or any(
+            name.startswith(f"{split}-") and name.endswith(".tfrecord")
+            for split in splits
+        )
+    )
+    if old:
+        raise DataError(
+            f"--out={out} already holds {len(old)} file(s) of a dataset "
+            f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}); shards written "
+            "beside them would be read with them. Choose an empty folder, or delete "
+            "them first"
+        )
 
 
 def _write_split(
