@@ -446,6 +446,23 @@ def _drain(ds):
         input_pipeline.reraise_data_error(e)
 
 
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_a_shard_emptied_since_it_was_counted(on_corrupt, digits_dir, tmp_path):
+    """The manifest promises records the shard no longer holds. With "skip"
+    too the reader's error stops the pass: only a record's decode is
+    skipped, never the reader's failures (the pass would end early, silently)."""
+    data = str(tmp_path / "d")
+    storage.put(digits_dir, data)
+    for shard in storage.glob(f"{data}/train-*.tfrecord"):
+        storage.write_bytes(shard, b"")
+    spec = make_spec(data, batch=8, on_corrupt=on_corrupt)
+    with pytest.raises(
+        DataError, match=r"no readable training records, though the shards' counts "
+        r"\(manifest.json, or the counts cache\) promise 1438"
+    ):  # fmt: skip
+        _consume(spec)
+
+
 def test_glob_matching_nothing_names_the_glob(tmp_path):
     spec = make_spec(str(tmp_path / "nothing"))
     with pytest.raises(

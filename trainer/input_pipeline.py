@@ -288,21 +288,18 @@ def _decode_stage(spec, records: tf.data.Dataset, decode, *, ids: bool):
     CPU on calls. Larger images are decoded one to a call, where a group's
     extra copies (its stacked output) would cost more than the calls it
     saves (benchmarks/decode_stage.py measures both). The pixels are the same.
+    With data.on_corrupt = "skip", see `_decode_skipping`.
     """
     size = spec.data.image_size
-    skip = spec.data.on_corrupt == "skip"
-    if skip or size > GROUPED_DECODE_MAX_SIZE:
-        # With "skip", one record to a call: bytes that pass the reader's
-        # checks yet fail to decode (Pillow accepts them, TF does not) are
-        # dropped alone, with a logged warning, not with their group.
-        ds = records.unbatch().map(
-            (lambda image, label, rid: (*decode(image, label, rid), rid))
-            if ids
-            else decode,
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
+    one = (
+        (lambda image, label, rid: (*decode(image, label, rid), rid)) if ids else decode
+    )
+    if spec.data.on_corrupt == "skip":
+        return _decode_skipping(records, one)
+    if size > GROUPED_DECODE_MAX_SIZE:
+        return records.unbatch().map(
+            one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
-        return ds.ignore_errors(log_warning=True) if skip else ds
     pixels = tf.TensorSpec([size, size, 3], tf.uint8)
 
     def group(images, labels, rids):
@@ -316,6 +313,32 @@ def _decode_stage(spec, records: tf.data.Dataset, decode, *, ids: bool):
     ds = records.unbatch().batch(DECODE_GROUP)
     ds = ds.map(group, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.unbatch()
+
+
+def _decode_skipping(records: tf.data.Dataset, one) -> tf.data.Dataset:
+    """`one` per record, dropping (with a logged warning) the records whose
+    bytes pass the reader's checks yet fail to decode (Pillow accepts them,
+    TF does not). Each record's decode is a dataset of its own inside
+    `ignore_errors`: around the whole stream, it would also swallow the
+    reader's errors (a shard gone, a store refusing reads), and end the pass
+    early and silently. In order, in parallel."""
+
+    def group(*fields):
+        alone = tf.data.Dataset.from_tensor_slices(fields).map(lambda *f: one(*f))
+        return alone.ignore_errors(log_warning=True)
+
+    # A group's records leave its dataset before the next group's (the block
+    # holds a whole group): the stream's order.
+    return (
+        records.unbatch()
+        .batch(DECODE_GROUP)
+        .interleave(
+            group,
+            block_length=DECODE_GROUP,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    )
 
 
 def train_dataset(

@@ -693,6 +693,18 @@ class _WorkerEpoch:
         self.reading = _reading(spec, skip)
         self.parallelism = _parallelism(spec)
 
+    def _none_readable(self) -> str:
+        """The stream gave no record of the `length` the shards' counts promise."""
+        remedy = "re-create the shards with `trainer convert`"
+        if self.reading.on_corrupt != "skip":
+            remedy = tfrecord.REMEDY
+        return (
+            f"{self.what}: no readable training records, though the shards' counts "
+            f"(manifest.json, or the counts cache) promise {self.length}: a shard "
+            f"emptied or replaced since it was counted, or every record corrupt; "
+            f"{remedy}"
+        )
+
     def chunks(self, start: int, outer: threading.Event):
         """(images, labels, record ids) chunks of this worker's slice, from
         record `start` of the stream on, until `outer` is set."""
@@ -713,10 +725,7 @@ class _WorkerEpoch:
                 datas, ids = stream.take(we - ws)
                 n = len(datas)
                 if n == 0:
-                    raise DataError(
-                        f"{self.what}: no readable training records (all skipped "
-                        f"as corrupt?); {tfrecord.REMEDY}"
-                    )
+                    raise DataError(self._none_readable())
                 order = data_order.window_order(
                     self.seed, self.epoch, w0, n, self.shuffle
                 )[p - ws :]
