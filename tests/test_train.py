@@ -356,6 +356,8 @@ def test_check_leaves_no_checkpoint(digits, tmp_path, capsys):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "check passed" in proc.stdout
     assert "steps_per_epoch" in proc.stdout and "trainable_params" in proc.stdout
+    # Each phase's own cap (FAST: 6 and 2) beside the split's 89 batches of 16.
+    assert re.findall(r"^  steps_per_epoch +(\d+)$", proc.stdout, re.M) == ["6", "2"]
     assert not (workdir / "checkpoints").exists()
     assert not (workdir / "summary.json").exists()
 

@@ -150,6 +150,7 @@ def _dry_run(spec, engine, model, phase, n: int) -> dict[str, Any]:
     return {
         "name": phase.name,
         "epochs": phase.epochs,
+        "steps_per_epoch": input_pipeline.phase_steps(spec, phase),
         "trainable_from": phase.trainable_from,
         "trainable_params": trainable,
         "jit_compile": jit,
