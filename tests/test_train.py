@@ -307,6 +307,8 @@ def test_export_an_older_step_to_gcs_then_evaluate_and_predict(
     assert f"serving: {remote}/export/saved_model/1 " in proc.stdout
     record = storage.read_json(storage.join(remote, "export", "export.json"))
     assert (record["step"], record["weights"]) == (older["global_step"], "step")
+    # The completed run's summary (what a rerun of `train` prints) follows.
+    assert storage.read_json(storage.join(remote, "summary.json"))["export"] == record
 
     ev = run(capsys, "evaluate", f"--workdir={remote}")
     assert ev.returncode == 0, ev.stderr[-3000:]

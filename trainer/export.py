@@ -351,5 +351,8 @@ def run_export(root: str, step: int | None = None) -> dict[str, Any]:
     spec = load_spec(root)
     chosen, weights = choose_step(root, spec, step)
     record = export_step(root, spec, chosen, weights)
+    summary = reports.completed_summary(root)
+    if summary is not None:  # What a rerun of `train` prints: this export now.
+        reports.write_summary(root, {**summary, "export": record})
     print(reports.describe_export(record))
     return record
