@@ -354,6 +354,11 @@ def test_fencing(workdir):
         a.save(3, arrays_at(3), {"by": "a"}, blocking=True)
     assert b.latest_step() == 2
     assert CheckpointManager(workdir).restore()[1] == {"by": "b"}
+    # After its last commit a displaced trainer still asks before the writes
+    # no commit fences (train's completion: export, plots, summary.json).
+    b.check_owner(2, "exporting and summarizing the run")
+    with pytest.raises(FencedError, match=r"stops without exporting and summarizing"):
+        a.check_owner(2, "exporting and summarizing the run")
 
 
 def test_fencing_during_upload_gcs(gcs_bucket):

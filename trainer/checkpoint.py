@@ -109,6 +109,12 @@ class CheckpointManager:
             self._floor,
         )
 
+    def check_owner(self, step: int, doing: str) -> None:
+        """Raises FencedError when another trainer claimed the workdir: before
+        writes that no commit fences (the completion's export and summary)."""
+        if self.is_chief:
+            self._fence.check(step, doing)
+
     def save(
         self,
         step: int,

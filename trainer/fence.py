@@ -64,18 +64,19 @@ class Fence:
                 storage.write_bytes(self._url(OWNER), data)
         self.owner = record
 
-    def check(self, step: int) -> None:
+    def check(self, step: int, doing: str = "") -> None:
         """Fails fast, before an upload, when another trainer has claimed.
 
         Args:
           step: the step about to be saved, for the message.
+          doing: what this trainer stops short of (default: committing `step`).
 
         Raises:
           FencedError: OWNER holds another trainer's token.
         """
         current = self._read_owner()
         if not self._is_mine(current):
-            raise self._fenced(step, current)
+            raise self._fenced(step, current, doing)
 
     def commit(self, step: int) -> None:
         """Points LATEST at `step` iff this trainer still owns the directory.
@@ -148,7 +149,9 @@ class Fence:
         """
         return self._is_mine(self._read_owner())
 
-    def _fenced(self, step: int, other: dict[str, Any] | None = None) -> FencedError:
+    def _fenced(
+        self, step: int, other: dict[str, Any] | None = None, doing: str = ""
+    ) -> FencedError:
         if other is None:
             other = self._read_owner() or {}
         me = self.owner or {}
@@ -156,8 +159,9 @@ class Fence:
             f"workdir {self.workdir} was taken over by another trainer (host "
             f"{other.get('host', '?')}, pid {other.get('pid', '?')}, started "
             f"{other.get('started', '?')}); this trainer (host {me.get('host')}, pid "
-            f"{me.get('pid')}, started {me.get('started')}) stops without committing "
-            f"step {step}. The newer run owns the checkpoints now; let it continue."
+            f"{me.get('pid')}, started {me.get('started')}) stops without "
+            f"{doing or f'committing step {step}'}. The newer run owns the "
+            "checkpoints now; let it continue."
         )
 
 

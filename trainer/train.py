@@ -566,6 +566,9 @@ class _Run:
         last = self.state.history[-1] if self.state.history else {}
         summary = self._summary("completed", last)
         if self.rt.is_chief:
+            self.ckpt.check_owner(
+                self.state.global_step, "exporting and summarizing the run"
+            )
             # From a committed checkpoint, the best or the last (train.export),
             # as `trainer export` would: the in-memory weights are the last ones.
             step, weights = export.choose_step(
