@@ -181,6 +181,20 @@ def test_a_tpu_that_this_tensorflow_cannot_drive_is_exit_2(
     assert not (tmp_path / "w").exists()
 
 
+def test_strategy_tpu_on_a_machine_without_one_is_exit_2(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import assert_bad_input, run
+
+    for var in ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID"):
+        monkeypatch.delenv(var, raising=False)
+    proc = run(
+        capsys, "check", "--job=jobs/digits.toml", f"--workdir={tmp_path}/w",
+        "--set=runtime.strategy=tpu", "--set=runtime.backend=tensorflow",
+    )  # fmt: skip
+    assert_bad_input(
+        proc, r'runtime.strategy = "tpu", but this machine shows no TPU .*"auto"'
+    )
+
+
 def test_vertex_cluster_spec_becomes_tf_config():
     from trainer import runtime
     from trainer.errors import SetupError
