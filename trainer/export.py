@@ -130,15 +130,7 @@ def export_step(
     folder = storage.join(
         workdir.checkpoints(root), checkpoint_catalog.checkpoint_name(step)
     )
-    try:
-        arrays, _ = checkpoint_format.read(folder)
-    except CheckpointError as e:
-        others = checkpoint_catalog.folder_steps(workdir.checkpoints(root))
-        raise CheckpointError(
-            f"checkpoint {folder} cannot be exported: {e}; export another with "
-            f"`trainer export --workdir={root} --step=N` (folders: "
-            f"{', '.join(map(str, others)) or 'none'})"
-        ) from None
+    arrays = _checkpoint_arrays(root, folder)
     model = _float32_model(spec)
     models.assign_variables(
         model, None, {k: v for k, v in arrays.items() if k.startswith("model/")}
@@ -171,6 +163,20 @@ def export_step(
     }
     storage.write_json(workdir.export_record(root), record)
     return record
+
+
+def _checkpoint_arrays(root: str, folder: str) -> dict[str, Any]:
+    """The arrays of the checkpoint `folder`; a damaged one is named, with the
+    steps there are to export instead."""
+    try:
+        return checkpoint_format.read(folder)[0]
+    except CheckpointError as e:
+        others = checkpoint_catalog.folder_steps(workdir.checkpoints(root))
+        raise CheckpointError(
+            f"checkpoint {folder} cannot be exported: {e}; export another with "
+            f"`trainer export --workdir={root} --step=N` (folders: "
+            f"{', '.join(map(str, others)) or 'none'})"
+        ) from None
 
 
 def _export_on_tensorflow(root: str, step: int, weights: str) -> dict[str, Any]:
