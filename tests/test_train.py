@@ -620,7 +620,7 @@ def test_a_workdir_blocked_by_a_file_is_exit_2(where, digits, tmp_path, capsys):
     assert_bad_input(
         proc,
         r"cannot write .*afile.*job\.json: a file stands where a folder must be.*"
-        r"choose another --workdir",
+        r"choose another place, or move that file away",
     )
     assert blocker.read_text() == "x"
 

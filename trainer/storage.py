@@ -67,7 +67,7 @@ def check_url(url: str) -> None:
     a Windows drive (`C:/data`) and passes.
     """
     one_slash = _ONE_SLASH.match(url)
-    if one_slash:
+    if one_slash and one_slash.group(1) != "file":  # file:/x is a file URL.
         scheme = one_slash.group(1)
         rest = url[one_slash.end() :].lstrip("/")
         raise BadURL(
@@ -136,15 +136,17 @@ def _local_failure(url: str, action: str, e: BaseException) -> str | None:
     if code in (errno.ENOSPC, errno.EDQUOT):
         return (
             f"no space left to {action} {url} ({e.strerror}); free space on "
-            "that disk, or choose another --workdir"
+            "that disk, or choose another place"
         )
     if code == errno.EROFS:
-        return f"cannot {action} {url}: its file system is read-only; choose another --workdir"
+        return (
+            f"cannot {action} {url}: its file system is read-only; choose another place"
+        )
     if code in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR) and action == "write":
         return (
             f"cannot write {url}: a file stands where a folder must be, or a folder "
             f"where a file must be ({e.strerror}: {getattr(e, 'filename', '')}); "
-            "choose another --workdir or move that file away"
+            "choose another place, or move that file away"
         )
     return None
 
@@ -169,7 +171,8 @@ def unreachable(e: BaseException) -> str | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, tuple(kinds)):
+        # A BrokenPipeError is a ConnectionError too: our stdout's reader left.
+        if isinstance(e, tuple(kinds)) and not isinstance(e, BrokenPipeError):
             return " ".join(f"{type(e).__name__}: {e}".split())[:200]
         e = e.__cause__ or e.__context__
     return None
