@@ -65,13 +65,14 @@ def _check_workdir_state(spec, workdir: str) -> None:
     from trainer import reports
 
     done = reports.completed_summary(workdir)
-    if done is not None:
-        print(
-            f"note: {workdir} already completed at step {done['global_step']}: "
-            "`trainer train` would only print its summary; use a new --workdir "
-            "to train this spec"
-        )
-    train.check_recorded_spec(spec, workdir)
+    if done is None:
+        train.check_recorded_spec(spec, workdir)
+        return
+    print(
+        f"note: {workdir} already completed at step {done['global_step']}: "
+        "`trainer train` would only print its summary; use a new --workdir "
+        "to train this spec"
+    )
 
 
 def _plan(spec, workdir: str, rt) -> dict[str, Any]:

@@ -318,10 +318,11 @@ def _decode_stage(spec, records: tf.data.Dataset, decode, *, ids: bool):
 def _decode_skipping(records: tf.data.Dataset, one) -> tf.data.Dataset:
     """`one` per record, dropping (with a logged warning) the records whose
     bytes pass the reader's checks yet fail to decode (Pillow accepts them,
-    TF does not). Each record's decode is a dataset of its own inside
-    `ignore_errors`: around the whole stream, it would also swallow the
-    reader's errors (a shard gone, a store refusing reads), and end the pass
-    early and silently. In order, in parallel."""
+    TF does not). Each group of DECODE_GROUP records is a dataset of its own
+    inside `ignore_errors`, decoded one record to an element: around the
+    whole stream, `ignore_errors` would also swallow the reader's errors (a
+    shard gone, a store refusing reads) and end the pass early and silently.
+    In order, in parallel (a group to a thread)."""
 
     def group(*fields):
         alone = tf.data.Dataset.from_tensor_slices(fields).map(lambda *f: one(*f))
