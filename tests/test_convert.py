@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -72,6 +75,24 @@ def _image(fmt: str, size=(40, 30), value=100) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (value, value, value)).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def test_the_same_images_give_the_same_shard_bytes(tmp_path):
+    """Two processes convert the digits: byte-identical shards (a checksum of
+    the data means something; protobuf's map order alone used to differ)."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainer", "convert", "--sample=digits",
+             f"--out={out}"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == sorted(p.name for p in outs[1].iterdir())
+    for name in names:
+        a, b = (pathlib.Path(out, name).read_bytes() for out in outs)
+        assert a == b, f"{name} differs between two conversions"
 
 
 def test_convert_images_folder(tmp_path):

@@ -42,7 +42,9 @@ def make_example(
         ("image/class/label", label),
     ):
         feature[key].int64_list.value.append(number)
-    return example.SerializeToString()
+    # Map entries in key order: the same images give the same shard bytes
+    # (upb otherwise orders them differently from one process to the next).
+    return example.SerializeToString(deterministic=True)
 
 
 # ---------------------------------------------------------------------------
