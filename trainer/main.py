@@ -252,6 +252,10 @@ def _check(flag_values: flags.FlagValues, args: list[str]) -> None:
 def _layers(flag_values: flags.FlagValues, args: list[str]) -> None:
     from trainer import models
 
+    try:
+        models.get_backbone(flag_values.backbone)
+    except TrainerError as e:  # It names the spec key; here it is the flag.
+        raise UsageError(str(e).replace("model.backbone:", "--backbone:", 1)) from None
     table = models.layer_table(flag_values.backbone, flag_values.image_size)
     print(models.format_layer_table(table))
 
