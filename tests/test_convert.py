@@ -77,6 +77,7 @@ def _image(fmt: str, size=(40, 30), value=100) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow  # Two processes.
 def test_the_same_images_give_the_same_shard_bytes(tmp_path):
     """Two processes convert the digits: byte-identical shards (a checksum of
     the data means something; protobuf's map order alone used to differ)."""
@@ -121,6 +122,35 @@ def test_convert_images_folder(tmp_path):
     assert formats == {(0, b"jpeg"), (1, b"png")}
 
 
+def test_bmp_gif_and_webp_are_stored_as_png_and_other_files_named(tmp_path, caplog):
+    src = tmp_path / "images"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for fmt in ("BMP", "GIF", "WEBP", "JPEG"):
+            (src / cls / f"x.{fmt.lower()}").write_bytes(_image(fmt))
+    (src / "a" / "notes.txt").write_text("not an image")
+    (src / "b" / "2019").mkdir()  # Nested folders are not read.
+    (src / "b" / ".DS_Store").write_bytes(b"")  # Hidden: not worth a word.
+    out = str(tmp_path / "out")
+    with caplog.at_level("WARNING"):
+        manifest = convert.convert_images(str(src), out, validation_fraction=0.0)
+    assert manifest["splits"]["train"]["records"] == 8
+    assert "left out 2 entries that are no jpg/jpeg/png/bmp/gif/webp file" in (
+        caplog.text
+    )
+    assert "a/notes.txt, b/2019" in caplog.text
+    records = [
+        r.numpy()
+        for r in tf.data.TFRecordDataset(f"{out}/train-00000-of-00001.tfrecord")
+    ]
+    formats = sorted(_parse(r)["image/format"].numpy() for r in records)
+    assert formats == [b"jpeg"] * 2 + [b"png"] * 6
+    for r in records:  # What TensorFlow decodes, at the size PIL read.
+        example = _parse(r)
+        pixels = tf.io.decode_image(example["image/encoded"], channels=3)
+        assert pixels.shape[:2] == (example["image/height"], example["image/width"])
+
+
 def test_bad_images_dir_messages(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--images=.*missing: no such folder"):
         convert.convert_images(str(tmp_path / "missing"), str(tmp_path / "o"))
@@ -128,9 +158,15 @@ def test_bad_images_dir_messages(tmp_path):
     (tmp_path / "flat" / "a.png").write_bytes(_image("PNG"))
     with pytest.raises(ValueError, match=r"no class subfolders"):
         convert.convert_images(str(tmp_path / "flat"), str(tmp_path / "o"))
-    (tmp_path / "empty" / "cats").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"no images .* subfolders cats"):
-        convert.convert_images(str(tmp_path / "empty"), str(tmp_path / "o"))
+    (tmp_path / "one" / "pass").mkdir(parents=True)
+    (tmp_path / "one" / "pass" / "a.png").write_bytes(_image("PNG"))
+    with pytest.raises(ValueError, match=r"one class subfolder \(pass/\); .*two"):
+        convert.convert_images(str(tmp_path / "one"), str(tmp_path / "o"))
+    (tmp_path / "one" / "fail").mkdir()
+    (tmp_path / "one" / "fail" / "a.tiff").write_bytes(b"II*\0")
+    with pytest.raises(ValueError, match=r"class subfolder fail/ holds no images"):
+        convert.convert_images(str(tmp_path / "one"), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match=r"validation_fraction=1.5"):
         convert.convert_sample_digits(str(tmp_path / "o"), validation_fraction=1.5)
 

@@ -584,6 +584,7 @@ def test_check_refuses_what_train_would_refuse(digits, tmp_path, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == ["job.json"]
 
 
+@pytest.mark.slow  # Its `check` dry-runs both phases (7 s).
 def test_a_completed_run_says_a_changed_spec_was_not_trained(digits, tmp_path, capsys):
     workdir = tmp_path / "run"
     _first_run(digits, workdir, status="completed")

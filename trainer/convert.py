@@ -20,7 +20,9 @@ from trainer import example_proto, storage, tfrecord
 from trainer.errors import DataError, NotFound, UsageError
 
 DEFAULT_SHARD_BYTES = 100 * 1024 * 1024
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# JPEG and PNG are stored as they are; the others (Keras'
+# image_dataset_from_directory reads BMP and GIF too) are stored as PNG.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _FORMATS = {"JPEG": b"jpeg", "PNG": b"png"}
 
 
@@ -131,10 +133,11 @@ def convert_images(
     seed: int = 0,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict[str, Any]:
-    """Writes a class-per-subfolder tree of JPEG/PNG images as shards to `out`.
+    """Writes a class-per-subfolder tree of images as shards to `out`.
 
     Class names are the subfolder names, sorted; labels are their 0-based
-    indices. JPEG and PNG bytes are stored as they are (no re-encoding).
+    indices. JPEG and PNG bytes are stored as they are (no re-encoding); BMP,
+    GIF and WebP files as PNG.
 
     Args:
       images_dir: a folder (local path or fsspec URL) with one subfolder per class.
@@ -149,7 +152,8 @@ def convert_images(
 
     Raises:
       FileNotFoundError: `images_dir` does not exist.
-      ValueError: it holds no class subfolders, or no JPEG/PNG images.
+      ValueError: it holds fewer than two class subfolders, or one without
+        images.
     """
     _check_fraction(validation_fraction)
     class_names = _class_folders(images_dir)
@@ -180,17 +184,23 @@ def _class_folders(images_dir: str) -> list[str]:
     if not storage.exists(images_dir) or not storage.isdir(images_dir):
         raise NotFound(
             f"--images={images_dir}: no such folder; expected a folder with one "
-            "subfolder of JPEG/PNG images per class"
+            "subfolder of images per class"
         )
     class_names = [
         n
         for n in storage.listdir(images_dir)
         if not n.startswith(".") and storage.isdir(storage.join(images_dir, n))
     ]
-    if not class_names:
+    if len(class_names) < 2:
+        got = (
+            f"one class subfolder ({class_names[0]}/)"
+            if class_names
+            else ("no class subfolders")
+        )
         raise DataError(
-            f"--images={images_dir}: no class subfolders; expected one subfolder "
-            "per class (e.g. cats/, dogs/) holding its JPEG/PNG images"
+            f"--images={images_dir}: {got}; a classifier needs one subfolder "
+            "per class, at least two (e.g. cats/, dogs/; pass/, fail/ for a "
+            "binary job), each holding its images"
         )
     return class_names
 
@@ -198,22 +208,41 @@ def _class_folders(images_dir: str) -> list[str]:
 def _class_images(
     images_dir: str, class_names: list[str]
 ) -> tuple[list[str], list[int], list[int]]:
-    """(image URLs, their sizes in bytes, their labels) of all class folders."""
+    """(image URLs, their sizes in bytes, their labels) of all class folders.
+
+    Files of other types are left out with a warning; an empty class folder
+    is refused (its class would be trained without a single example)."""
     files: list[str] = []
     sizes: list[int] = []
     labels: list[int] = []
+    skipped: list[str] = []
     for label, name in enumerate(class_names):
         folder = storage.join(images_dir, name)
+        count = len(files)
         for entry in storage.listdir(folder):
-            if entry.lower().endswith(IMAGE_EXTENSIONS):
-                url = storage.join(folder, entry)
-                files.append(url)
-                sizes.append(storage.size(url))
-                labels.append(label)
-    if not files:
-        raise DataError(
-            f"--images={images_dir}: no images (*.jpg, *.jpeg, *.png) in its class "
-            f"subfolders {', '.join(class_names)}"
+            url = storage.join(folder, entry)
+            if not entry.lower().endswith(IMAGE_EXTENSIONS):
+                if not entry.startswith("."):
+                    skipped.append(f"{name}/{entry}")
+                continue
+            files.append(url)
+            sizes.append(storage.size(url))
+            labels.append(label)
+        if len(files) == count:
+            raise DataError(
+                f"--images={images_dir}: class subfolder {name}/ holds no images "
+                f"({', '.join('*' + e for e in IMAGE_EXTENSIONS)}); add its "
+                "images, or move the folder out if it is no class"
+            )
+    if skipped:
+        logging.warning(
+            "convert: left out %d %s that %s no %s file (folders inside a "
+            "class folder are not read): %s%s",
+            len(skipped),
+            *(("entry", "is") if len(skipped) == 1 else ("entries", "are")),
+            "/".join(e[1:] for e in IMAGE_EXTENSIONS),
+            ", ".join(skipped[:5]),
+            ", ..." if len(skipped) > 5 else "",
         )
     return files, sizes, labels
 
@@ -232,7 +261,7 @@ def _image_item(url: str, label: int, text: str) -> _Item:
                 fmt = b"png"
     except Exception as e:  # PIL raises many types for bad files.
         raise DataError(
-            f"{url}: not a readable JPEG/PNG image ({e}); remove or "
+            f"{url}: not a readable image ({e}); remove or "
             "replace the file and run convert again"
         ) from None
     return _Item(data, label, height, width, fmt, text)
