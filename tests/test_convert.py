@@ -187,3 +187,36 @@ def test_converting_into_a_folder_with_shards_is_refused(tmp_path, capsys):
         r"train-00000-of-00003.tfrecord, .*\); .*Choose an empty folder, or delete",
     )
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_failed_conversion_leaves_no_shards_to_refuse(tmp_path, capsys):
+    """A bad image stops convert half way: the shards written before it are
+    removed, so that the same command runs again once the image is fixed."""
+    from tests.test_cli import assert_one_error, run
+
+    src, out = tmp_path / "images", tmp_path / "data"
+    for cls in ("ok", "nok"):
+        (src / cls).mkdir(parents=True)
+        for i in range(4):
+            (src / cls / f"{i}.jpg").write_bytes(_image("JPEG", value=60 * i))
+    whole = (src / "ok" / "2.jpg").read_bytes()
+    (src / "ok" / "2.jpg").write_bytes(whole[: len(whole) // 2])
+    args = ("convert", f"--images={src}", f"--out={out}", "--validation_fraction=0")
+    assert_one_error(
+        run(capsys, *args),
+        rf"{src}/ok/2.jpg: not a readable image \(.*\); remove or replace the file "
+        "and run convert again",
+    )
+    assert list(out.iterdir()) == []
+    (src / "ok" / "2.jpg").write_bytes(whole)
+    again = run(capsys, *args)
+    assert again.returncode == 0, again.stderr
+    assert "train: 8 records in 1 shard(s)" in again.stdout
+
+    # Shards without a manifest (a conversion killed with -9) are named so.
+    (out / "manifest.json").unlink()
+    assert_one_error(
+        run(capsys, *args),
+        rf"--out={out} already holds 1 file\(s\) \(no manifest.json: a cut-short "
+        r"run\?\) \(train-00000-of-00001.tfrecord\)",
+    )

@@ -345,10 +345,14 @@ def _write_dataset(
     heights: list[int] = []
     widths: list[int] = []
     manifest_splits: dict[str, Any] = {}
-    for split, (items, est_sizes) in splits.items():
-        manifest_splits[split] = _write_split(
-            out, split, items, est_sizes, shards, shard_bytes, (heights, widths)
-        )
+    try:
+        for split, (items, est_sizes) in splits.items():
+            manifest_splits[split] = _write_split(
+                out, split, items, est_sizes, shards, shard_bytes, (heights, widths)
+            )
+    except BaseException:  # A bad image, Ctrl-C: the same command can run again.
+        _remove_shards(out, list(splits))
+        raise
     manifest = {
         "version": 1,
         "format": "TFRecord of tf.train.Example",
@@ -370,23 +374,37 @@ def _write_dataset(
     return manifest
 
 
+def _shard_names(out: str, splits: list[str]) -> list[str]:
+    return [
+        name
+        for name in storage.listdir(out)
+        if any(name.startswith(f"{s}-") and name.endswith(".tfrecord") for s in splits)
+    ]
+
+
+def _remove_shards(out: str, splits: list[str]) -> None:
+    """The shards of a conversion that failed (`_refuse_old_shards` saw none
+    before it), so that running it again is not refused for them."""
+    for name in _shard_names(out, splits):
+        try:
+            storage.rm(storage.join(out, name))
+        except OSError as e:  # The error being raised says more.
+            logging.warning("convert: could not remove %s/%s: %s", out, name, e)
+
+
 def _refuse_old_shards(out: str, splits: list[str]) -> None:
     """New shards beside old ones would be read with them: a job's
     `train-*.tfrecord` matches both sets, and the data is silently doubled."""
     if not storage.exists(out):
         return
-    old = sorted(
-        name
-        for name in storage.listdir(out)
-        if name == tfrecord.MANIFEST
-        or any(
-            name.startswith(f"{split}-") and name.endswith(".tfrecord")
-            for split in splits
-        )
-    )
+    old = _shard_names(out, splits)
+    finished = storage.exists(storage.join(out, tfrecord.MANIFEST))
+    if finished:
+        old = [tfrecord.MANIFEST, *old]
     if old:
+        what = "of a dataset" if finished else "(no manifest.json: a cut-short run?)"
         raise DataError(
-            f"--out={out} already holds {len(old)} file(s) of a dataset "
+            f"--out={out} already holds {len(old)} file(s) {what} "
             f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}); shards written "
             "beside them would be read with them. Choose an empty folder, or delete "
             "them first"
