@@ -612,6 +612,28 @@ def test_a_run_refused_for_its_data_leaves_no_trace(digits, tmp_path, capsys):
     assert not workdir.exists()
 
 
+def test_fewer_classes_than_the_manifest_lists_is_refused_before_any_work(
+    digits, tmp_path, capsys
+):
+    """The digits' manifest lists 10 classes: a 5-way head would stop at the
+    first label 5 (or, under "skip", drop half the data one record at a time)."""
+    workdir = tmp_path / "run"
+    for command in ("check", "train"):
+        proc = run(
+            capsys,
+            command,
+            *job_args(digits, str(workdir), "--set=data.num_classes=5"),
+            "--set=data.class_names=[]",
+        )
+        assert_bad_input(
+            proc,
+            rf"data.num_classes = 5, but {digits}/manifest.json lists 10 classes "
+            r"\(0, 1, 2, 3, 4, \.\.\.\): the records of the others would be refused "
+            r"as out of range. Set data.num_classes = 10$",
+        )
+        assert not workdir.exists()
+
+
 @pytest.mark.parametrize("where", ["file", "below_a_file"])
 def test_a_workdir_blocked_by_a_file_is_exit_2(where, digits, tmp_path, capsys):
     blocker = tmp_path / "afile"

@@ -79,6 +79,7 @@ def _plan(spec, workdir: str, rt) -> dict[str, Any]:
     """The run's shape: where, on what, how much data, how often it saves."""
     train_info = input_pipeline.split_info(spec, "train")
     val_info = input_pipeline.split_info(spec, "validation")
+    input_pipeline.check_class_count(spec)
     return {
         "job": spec.name,
         "workdir": workdir,

@@ -40,6 +40,7 @@ from trainer.records import (  # noqa: F401
     _train_records,
     _train_stream,
     _worker_share,
+    check_class_count,
     list_shards,
     phase_steps,
     split_info,

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from trainer import data_order, example_proto, storage, tfrecord
-from trainer.errors import DataError, NotFound
+from trainer.errors import DataError, NotFound, SpecError
 
 COUNTS_CACHE = ".trainer-record-counts.json"
 READ_AHEAD_BLOCKS = 2  # Blocks a shard's reader thread reads ahead.
@@ -209,6 +209,19 @@ def _manifest_counts(folder: str) -> dict[str, int]:
     return out
 
 
+def _manifest_class_names(spec) -> tuple[str, list] | None:
+    """(the manifest's URL, its class names) beside the training shards."""
+    try:
+        folder = storage.dirname(list_shards(spec.data.train)[0])
+        url = storage.join(folder, tfrecord.MANIFEST)
+        manifest = storage.read_json(url)
+    except (OSError, ValueError) as e:  # NotFound and StorageError among them.
+        logging.info("no class names from a manifest for %s: %s", spec.data.train, e)
+        return None
+    names = manifest.get("class_names") if isinstance(manifest, dict) else None
+    return (url, list(names)) if names else None
+
+
 def with_class_names(spec):
     """`spec` with `data.class_names` from the shards' manifest when it has none.
 
@@ -219,27 +232,43 @@ def with_class_names(spec):
     """
     if spec.data.class_names:
         return spec
-    try:
-        folder = storage.dirname(list_shards(spec.data.train)[0])
-        manifest = storage.read_json(storage.join(folder, tfrecord.MANIFEST))
-    except (OSError, ValueError) as e:  # NotFound and StorageError among them.
-        logging.info("no class names from a manifest for %s: %s", spec.data.train, e)
+    found = _manifest_class_names(spec)
+    if found is None:
         return spec
-    names = manifest.get("class_names") if isinstance(manifest, dict) else None
+    url, names = found
     expected = max(spec.data.num_classes, 2)
-    if not names or len(names) != expected:
-        if names:
-            logging.warning(
-                "%s lists %d class names; data.num_classes = %d needs %d: "
-                "showing classes by index",
-                storage.join(folder, tfrecord.MANIFEST),
-                len(names),
-                spec.data.num_classes,
-                expected,
-            )
+    if len(names) != expected:
+        logging.warning(
+            "%s lists %d class names; data.num_classes = %d needs %d: "
+            "showing classes by index",
+            url,
+            len(names),
+            spec.data.num_classes,
+            expected,
+        )
         return spec
     data = dataclasses.replace(spec.data, class_names=tuple(map(str, names)))
     return dataclasses.replace(spec, data=data)
+
+
+def check_class_count(spec) -> None:
+    """More classes in the shards' manifest than the head has outputs: their
+    records would fail the label check mid-run (or, under on_corrupt =
+    "skip", be dropped one by one). Fewer is allowed (a subset of classes)."""
+    found = _manifest_class_names(spec)
+    expected = max(spec.data.num_classes, 2)
+    if found is None or len(found[1]) <= expected or spec.data.label_offset:
+        return
+    url, names = found
+    shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
+    fix = f"data.num_classes = {len(names)}"
+    if spec.data.num_classes == 1:
+        fix += " (a softmax head), or convert only the two classes"
+    raise SpecError(
+        f"data.num_classes = {spec.data.num_classes}, but {url} lists "
+        f"{len(names)} classes ({shown}): the records of the others would be "
+        f"refused as out of range. Set {fix}"
+    )
 
 
 def _local_cache_url(folder: str) -> str:

@@ -240,6 +240,7 @@ def check_data(spec) -> None:
     for its data leaves the workdir as it found it (a fixed spec may differ)."""
     input_pipeline.steps_per_epoch(spec)
     input_pipeline.split_info(spec, "validation")
+    input_pipeline.check_class_count(spec)
 
 
 def check_backend(spec, rt: runtime.Runtime) -> None:
