@@ -162,9 +162,17 @@ def test_undecodable_image_fails_or_is_skipped(tmp_path):
 
 
 def test_stopping_early_ends_the_decode_threads(digits_dir):
+    # Only this generator's threads: an earlier test's generator, not yet
+    # collected in this pytest-xdist worker, may still hold its own.
+    before = set(threading.enumerate())
+
     def ours():
         names = ("trainer-decode", "trainer-input")
-        return [t for t in threading.enumerate() if t.name.startswith(names)]
+        return [
+            t
+            for t in threading.enumerate()
+            if t.name.startswith(names) and t not in before
+        ]
 
     batches = np_input.train_batches(make_spec(digits_dir), epoch=0, threads=3)
     next(batches)
