@@ -192,11 +192,9 @@ def _class_folders(images_dir: str) -> list[str]:
         if not n.startswith(".") and storage.isdir(storage.join(images_dir, n))
     ]
     if len(class_names) < 2:
-        got = (
-            f"one class subfolder ({class_names[0]}/)"
-            if class_names
-            else ("no class subfolders")
-        )
+        got = "no class subfolders"
+        if class_names:
+            got = f"one class subfolder ({class_names[0]}/)"
         raise DataError(
             f"--images={images_dir}: {got}; a classifier needs one subfolder "
             "per class, at least two (e.g. cats/, dogs/; pass/, fail/ for a "
