@@ -240,11 +240,13 @@ def _pixels(data: bytes, size: int, url: str) -> np.ndarray:
 
 
 def _read_image(url: str) -> bytes:
-    if not storage.exists(url):
-        raise NotFound(f"image not found: {url}")
-    if storage.isdir(url):
-        raise NotFound(f"{url} is a folder; give the image files in it")
-    return storage.read_bytes(url)
+    # One request per image; the store is asked why only when the read fails.
+    try:
+        return storage.read_bytes(url)
+    except (FileNotFoundError, IsADirectoryError):  # NotFound is the first.
+        if storage.isdir(url):
+            raise NotFound(f"{url} is a folder; give the image files in it") from None
+        raise NotFound(f"image not found: {url}") from None
 
 
 def _result(url: str, probs: np.ndarray, names: list[str], binary: bool) -> dict:

@@ -596,14 +596,13 @@ def _tpu_strategy(tf):
     initialisation fails deep inside it with "No registered
     'ConfigureDistributedTPU' OpKernel".
     """
-    found = tpu_address()
-    if found is None:
+    address = tpu_address()
+    if address is None:
         raise SetupError(
             'runtime.strategy = "tpu", but this machine shows no TPU (no TPU_NAME '
             "or COLAB_TPU_ADDR, no TPU VM devices); run on a TPU runtime, or set "
             'runtime.strategy = "auto"'
         )
-    address = found
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
     tf.config.experimental_connect_to_cluster(resolver)
     try:
